@@ -1,0 +1,223 @@
+import math
+
+import pytest
+import torch
+
+from tsa_lightning import TSAConfig, TSATransformer
+from tsa_lightning.accounting import dense_twin_flops, forward_flops, report
+
+TINY = dict(vocab_size=11, block_size=16, n_layer=4, n_head=2, n_embd=16)
+
+
+def make(seed: int = 0, **overrides) -> TSATransformer:
+    torch.manual_seed(seed)
+    return TSATransformer(TSAConfig(**{**TINY, **overrides})).eval()
+
+
+def tokens(B: int = 3, T: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def spread_routers(model: TSATransformer, seed: int = 2) -> None:
+    """Give routers large random weights so p spreads over (0, 1) and hard mode skips a mix."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for router in model.routers:
+            router.hidden.weight.copy_(torch.randn(router.hidden.weight.shape, generator=g))
+            router.out.weight.copy_(torch.randn(router.out.weight.shape, generator=g))
+            router.out.bias.zero_()
+
+
+@pytest.mark.parametrize("routing", ["none", "tsa"])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_shapes(routing, mode):
+    model = make(routing=routing)
+    idx = tokens(B=3, T=10)
+    logits, loss, routing_info = model(idx, targets=idx, mode=mode)
+    assert logits.shape == (3, 10, TINY["vocab_size"])
+    assert loss.shape == () and torch.isfinite(loss)
+    assert routing_info.executed.shape == (3, 10, TINY["n_layer"])
+    assert routing_info.executed.dtype == torch.bool
+    if routing == "tsa":
+        assert routing_info.halt_probs.shape == (3, 10, TINY["n_layer"] - 1)
+    else:
+        assert routing_info.halt_probs is None
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_causal(mode):
+    model = make()
+    spread_routers(model)
+    idx = tokens(B=2, T=16)
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % TINY["vocab_size"]
+    a, _, ra = model(idx, mode=mode)
+    b, _, rb = model(changed, mode=mode)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert torch.equal(ra.executed[:, :9], rb.executed[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_hard_mode_actually_skips_a_mix():
+    """Guards the other tests: with spread routers hard mode skips some but not all pairs."""
+    model = make()
+    spread_routers(model)
+    executed = model(tokens(), mode="hard")[2].executed[..., 1:]
+    assert 0.2 < executed.float().mean() < 0.8
+
+
+def test_hard_at_threshold_one_equals_soft():
+    model = make()
+    spread_routers(model)
+    idx = tokens()
+    soft, _, rs = model(idx, mode="soft")
+    hard, _, rh = model(idx, mode="hard", threshold=1.0)
+    torch.testing.assert_close(hard, soft, rtol=1e-5, atol=1e-5)
+    assert rh.executed.all()
+    torch.testing.assert_close(rh.halt_probs, rs.halt_probs)
+
+
+def test_hard_at_threshold_zero_is_the_stem_only_model():
+    model = make()
+    idx = tokens()
+    logits, _, routing = model(idx, mode="hard", threshold=0.0)
+    x = model.wte(idx) + model.wpe(torch.arange(idx.size(1)))
+    stem_only = model.lm_head(model.ln_f(model.blocks[0](x)))
+    torch.testing.assert_close(logits, stem_only)
+    assert routing.executed[..., 0].all() and not routing.executed[..., 1:].any()
+
+
+def test_sparse_hard_forward_matches_masked_dense_reference():
+    """Gather/compute/scatter equals running the block densely and keeping only kept tokens' updates."""
+    model = make()
+    spread_routers(model)
+    idx = tokens()
+    logits, _, routing = model(idx, mode="hard")
+    x = model.wte(idx) + model.wpe(torch.arange(idx.size(1)))
+    x = model.blocks[0](x)
+    for i, block in enumerate(model.blocks[1:]):
+        p = model.routers[i](x)
+        kept = (p <= model.config.skip_threshold)[..., None]
+        torch.testing.assert_close(kept[..., 0], routing.executed[..., i + 1])
+        x = torch.where(kept, block(x, (1 - p)[..., None]), x)
+    torch.testing.assert_close(logits, model.lm_head(model.ln_f(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_every_router_parameter():
+    model = make().train()
+    idx = tokens()
+    _, loss, _ = model(idx, targets=idx)
+    loss.backward()
+    for name, param in model.routers.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_dense_twin_has_identical_blocks_and_init():
+    dense, tsa = make(seed=5, routing="none"), make(seed=5, routing="tsa")
+    tsa_state = tsa.state_dict()
+    for name, value in dense.state_dict().items():
+        assert torch.equal(value, tsa_state[name]), name
+    extra = set(tsa_state) - set(dense.state_dict())
+    assert extra and all(name.startswith("routers.") for name in extra)
+
+
+def test_router_starts_near_published_value():
+    model = make()
+    p = model(tokens())[2].halt_probs
+    assert abs(p.mean().item() - 1 / (1 + math.e)) < 0.02
+
+
+def test_paper_shape_overhead():
+    model = TSATransformer(TSAConfig(vocab_size=65, block_size=128, n_layer=6, n_head=8, n_embd=256))
+    assert model.config.ffn_hidden == 1024
+    assert 0.016 <= model.router_overhead() <= 0.018
+    assert TSATransformer(TSAConfig(routing="none")).router_overhead() == 0.0
+
+
+def test_executed_counter_equals_mask_count():
+    model = make()
+    spread_routers(model)
+    routing = model(tokens(), mode="hard")[2]
+    rep = report(model.config, routing)
+    mask = routing.executed
+    assert rep.executed_fraction == pytest.approx(mask.sum().item() / mask.numel())
+    assert rep.executed_per_layer == pytest.approx(mask.float().mean(dim=(0, 1)).tolist())
+    assert rep.executed_per_layer[0] == 1.0
+    alpha = (1 - routing.halt_probs).mean().item()
+    assert rep.paper_alpha == pytest.approx(alpha)
+    assert rep.paper_tlops_saved == pytest.approx(1 - (1 + 3 * alpha) / 4)
+
+
+def test_soft_mode_saves_nothing_executed_but_costs_router_flops():
+    model = make()
+    rep = report(model.config, model(tokens())[2])
+    assert rep.executed_fraction == 1.0
+    assert rep.paper_tlops_saved > 0.15  # the untrained router's "savings"
+    assert rep.flops > rep.dense_flops and rep.flops_saved < 0
+
+
+def test_flops_hand_computation():
+    """C=4, F=8, V=3, L=2, router width 16, T=2, one sequence; the second token skips block 1."""
+    config = TSAConfig(vocab_size=3, block_size=2, n_layer=2, n_head=1, n_embd=4, ffn_hidden=8)
+    executed = torch.tensor([[[True, True], [True, False]]])
+    kv = 2 * 2 * (2 * (2 * 4 * 4))  # 2 tokens x 2 blocks x (K and V projections)
+    q_o_ffn = 3 * (2 * 4 * 4 + 2 * 4 * 4 + 2 * 2 * 4 * 8)  # 3 (token, block) pairs run
+    scores = (1 + 2) * (2 * 2 * 4)  # stem: positions 0 and 1 read 1 and 2 keys
+    scores += 1 * (2 * 2 * 4)  # block 1: only position 0, one key
+    routers = 2 * (2 * 4 * 16 + 2 * 16)
+    head = 2 * (2 * 4 * 3)
+    assert forward_flops(config, executed) == kv + q_o_ffn + scores + routers + head
+    dense = dense_twin_flops(config, 1, 2)
+    assert dense == kv + 4 * (2 * 4 * 4 * 2 + 2 * 2 * 4 * 8) + 2 * (1 + 2) * (2 * 2 * 4) + head
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_generate(mode):
+    model = make()
+    out = model.generate(tokens(B=2, T=3), max_new_tokens=20, temperature=0.8, top_k=5, mode=mode)
+    assert out.shape == (2, 23)
+    assert out.min() >= 0 and out.max() < TINY["vocab_size"]
+    greedy = model.generate(tokens(B=2, T=3), max_new_tokens=4, temperature=0, mode=mode)
+    assert torch.equal(greedy, model.generate(tokens(B=2, T=3), max_new_tokens=4, temperature=0, mode=mode))
+
+
+def test_param_groups_decay_only_matrices():
+    model = make()
+    decay, no_decay = model.param_groups(weight_decay=0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_embd=30, n_head=4), "n_embd"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(block_size=-1), "block_size"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(n_head=0), "n_head"),
+        (dict(n_embd=0), "n_embd"),
+        (dict(ffn_hidden=0), "ffn_hidden"),
+        (dict(router_hidden=-3), "router_hidden"),
+        (dict(n_layer=2.5), "n_layer"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(skip_threshold=1.5), "skip_threshold"),
+        (dict(skip_threshold=-0.1), "skip_threshold"),
+        (dict(routing="moe"), "routing"),
+        (dict(n_layer=1), "n_layer"),
+        (dict(router_bias_init=float("nan")), "router_bias_init"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"TSAConfig\.{field}"):
+        TSAConfig(**{**TINY, **overrides})
+
+
+def test_bad_forward_inputs():
+    model = make()
+    with pytest.raises(ValueError, match="mode"):
+        model(tokens(), mode="fast")
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(T=17))

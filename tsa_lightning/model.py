@@ -1,0 +1,293 @@
+"""Token-Selective Attention (TSA): a GPT whose tokens choose their own depth.
+
+Between consecutive pre-norm blocks a small router reads each token's hidden state and emits a
+halting probability p. The next block's two residual updates are scaled by the keep weight
+(1 - p), so training stays end-to-end differentiable (soft mode). At inference a token with
+p > skip_threshold does not run the block at all (hard mode): its state is copied upward, and
+later tokens still read keys and values computed from that copied state.
+
+The dense twin (`routing="none"`) is the same network without routers: same blocks, same
+initialisation, same code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn import functional as F
+
+Mode = Literal["soft", "hard"]
+
+
+@dataclass
+class TSAConfig:
+    vocab_size: int = 65
+    block_size: int = 128
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 256
+    ffn_hidden: int | None = None  # default 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = True
+    routing: Literal["none", "tsa"] = "tsa"  # "none" is the dense twin
+    router_hidden: int | None = None  # default max(16, n_embd // 4), as published
+    router_bias_init: float = -1.0  # sigmoid(-1) ~ 0.27: every token starts mostly kept
+    skip_threshold: float = 0.5  # hard mode skips a block when p > skip_threshold
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.n_embd
+        if self.router_hidden is None:
+            self.router_hidden = max(16, self.n_embd // 4)
+        for name in (
+            "vocab_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "ffn_hidden",
+            "router_hidden",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"TSAConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"TSAConfig.n_embd ({self.n_embd}) must be divisible by TSAConfig.n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TSAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.skip_threshold <= 1.0:
+            raise ValueError(f"TSAConfig.skip_threshold must be in [0, 1], got {self.skip_threshold!r}")
+        if self.routing not in ("none", "tsa"):
+            raise ValueError(f"TSAConfig.routing must be 'none' or 'tsa', got {self.routing!r}")
+        if self.routing == "tsa" and self.n_layer < 2:
+            raise ValueError(f"TSAConfig.n_layer must be at least 2 when routing='tsa', got {self.n_layer}")
+        if not math.isfinite(self.router_bias_init):
+            raise ValueError(f"TSAConfig.router_bias_init must be finite, got {self.router_bias_init!r}")
+
+
+@dataclass
+class Routing:
+    """What the routers decided in one forward pass."""
+
+    halt_probs: Tensor | None  # (B, T, L-1): router l's p, read after block l; None for the dense twin
+    executed: Tensor  # (B, T, L) bool: which token ran which block (soft mode runs everything)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TSAConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.query = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.key_value = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def _merge(self, y: Tensor) -> Tensor:
+        B, H, T, D = y.shape
+        return y.transpose(1, 2).reshape(B, T, H * D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self._heads(self.query(x))
+        k, v = map(self._heads, self.key_value(x).chunk(2, dim=-1))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return self.proj(self._merge(y))
+
+    def forward_kept(self, x: Tensor, kept: Tensor) -> Tensor:
+        """Attention for the kept tokens only; returns their updates as (N, C) in row-major order.
+
+        Keys and values come from every position (a skipped token's state is still readable),
+        but queries and the output projection run only for kept tokens. Kept queries are packed
+        to the left of each row, so the attention is batched with a causal mask by position.
+        """
+        B, T, C = x.shape
+        k, v = map(self._heads, self.key_value(x).chunk(2, dim=-1))
+        counts = kept.sum(dim=1)
+        n = int(counts.max())
+        # positions of the kept tokens, packed left in each row (stable sort keeps them in order)
+        positions = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :n]
+        slot_used = torch.arange(n, device=x.device) < counts[:, None]  # (B, n)
+        q = x.new_zeros(B, n, C)
+        q[slot_used] = self.query(x[kept])
+        may_attend = torch.arange(T, device=x.device) <= positions[:, :, None]  # (B, n, T)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(self._heads(q), k, v, attn_mask=may_attend[:, None], dropout_p=p)
+        return self.proj(self._merge(y)[slot_used])
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TSAConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """A standard pre-norm block; TSA only rescales its residual updates."""
+
+    def __init__(self, config: TSAConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Every token runs; `keep` (B, T, 1) scales both updates (None: the dense block)."""
+        x = x + _scaled(self.dropout(self.attn(self.ln_1(x))), keep)
+        return x + _scaled(self.dropout(self.mlp(self.ln_2(x))), keep)
+
+    def forward_kept(self, x: Tensor, keep: Tensor, kept: Tensor) -> Tensor:
+        """Only tokens with `kept` (B, T) run: gather them, compute, scatter back."""
+        h, w = x[kept], keep[kept]
+        h = h + w * self.dropout(self.attn.forward_kept(self.ln_1(x), kept))
+        h = h + w * self.dropout(self.mlp(self.ln_2(h)))
+        return x.masked_scatter(kept[..., None], h)
+
+
+def _scaled(update: Tensor, keep: Tensor | None) -> Tensor:
+    return update if keep is None else keep * update
+
+
+class Router(nn.Module):
+    """p = sigmoid(W2 ReLU(W1 h + b1) + b2): the probability that a token halts before the next block."""
+
+    def __init__(self, config: TSAConfig) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(config.n_embd, config.router_hidden)
+        self.out = nn.Linear(config.router_hidden, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.sigmoid(self.out(F.relu(self.hidden(h)))).squeeze(-1)
+
+
+class TSATransformer(nn.Module):
+    def __init__(self, config: TSAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_gpt2)
+        for block in self.blocks:  # GPT-2: scale residual projections by depth
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # Routers are built and initialised after the trunk, so that under one seed the dense
+        # twin and the TSA model start from identical blocks.
+        self.routers: nn.ModuleList | None = None
+        if config.routing == "tsa":
+            self.routers = nn.ModuleList(Router(config) for _ in range(config.n_layer - 1))
+            self.routers.apply(self._init_router)
+
+    def _init_gpt2(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _init_router(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        if isinstance(module, Router):
+            nn.init.constant_(module.out.bias, self.config.router_bias_init)
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, mode: Mode = "soft", threshold: float | None = None
+    ) -> tuple[Tensor, Tensor | None, Routing]:
+        """Returns (logits, loss or None, routing). `threshold` overrides config.skip_threshold."""
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+        B, T = idx.shape
+        if self.config.block_size < T:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        threshold = self.config.skip_threshold if threshold is None else threshold
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        x = self.blocks[0](x)  # the stem: every token runs block 0
+        executed = [torch.ones(B, T, dtype=torch.bool, device=idx.device)]
+        halts = []
+        for i, block in enumerate(self.blocks[1:]):
+            if self.routers is None:
+                x = block(x)
+                executed.append(executed[0])
+                continue
+            p = self.routers[i](x)
+            halts.append(p)
+            keep = (1 - p).unsqueeze(-1)
+            if mode == "soft":
+                x = block(x, keep)
+                executed.append(executed[0])
+                continue
+            kept = p <= threshold
+            executed.append(kept)
+            if kept.all():
+                x = block(x, keep)
+            elif kept.any():  # a block no token runs costs nothing
+                x = block.forward_kept(x, keep, kept)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        routing = Routing(
+            halt_probs=torch.stack(halts, dim=-1) if halts else None, executed=torch.stack(executed, -1)
+        )
+        return logits, loss, routing
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def router_overhead(self) -> float:
+        """Router parameters as a fraction of the dense twin's parameters."""
+        router = 0 if self.routers is None else sum(p.numel() for p in self.routers.parameters())
+        return router / (self.num_params() - router)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay matrices (linear weights, embeddings) only; never biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        mode: Mode = "soft",
+    ) -> Tensor:
+        """Sample by full recomputation over the last block_size tokens; temperature 0 is greedy."""
+        for _ in range(max_new_tokens):
+            logits, _, _ = self(idx[:, -self.config.block_size :], mode=mode)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                next_idx = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                next_idx = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_idx), dim=1)
+        return idx
