@@ -1,0 +1,91 @@
+"""First look at real savings: hard vs soft forward time with routers biased to skip a target share.
+
+Routers get random weights, then each output bias is set so that a chosen fraction of tokens
+passes the skip threshold (calibrated on soft-mode states). Timings alternate between modes in
+one process; the median of the repeats is reported.
+
+    python benchmarks/hard_vs_soft.py --skip 0.3 --batch 64 --ctx 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tsa_lightning import TSAConfig, TSATransformer
+from tsa_lightning.accounting import report
+
+
+@torch.no_grad()
+def bias_routers_to_skip(model: TSATransformer, idx: torch.Tensor, skip: float) -> None:
+    """Random router weights, then per router the bias that makes `skip` of tokens exceed threshold."""
+    g = torch.Generator().manual_seed(0)
+    threshold_logit = torch.logit(torch.tensor(model.config.skip_threshold))
+    for router in model.routers:
+        router.hidden.weight.copy_(
+            torch.randn(router.hidden.weight.shape, generator=g) / router.hidden.in_features**0.5
+        )
+        router.out.weight.copy_(torch.randn(router.out.weight.shape, generator=g))
+        router.out.bias.zero_()
+    x = model.wte(idx) + model.wpe(torch.arange(idx.size(1)))
+    x = model.blocks[0](x)
+    for router, block in zip(model.routers, model.blocks[1:], strict=True):
+        logits = router.out(torch.relu(router.hidden(x))).flatten()
+        router.out.bias.fill_(threshold_logit - torch.quantile(logits, 1 - skip))
+        x = block(x, (1 - router(x))[..., None])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--skip", type=float, default=0.3, help="target share of routed token-blocks skipped")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--ctx", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hard_vs_soft.json"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = TSAConfig(vocab_size=65, block_size=args.ctx, n_layer=6, n_head=8, n_embd=256)
+    model = TSATransformer(config).eval()
+    idx = torch.randint(0, config.vocab_size, (args.batch, args.ctx))
+    bias_routers_to_skip(model, idx, args.skip)
+
+    times: dict[str, list[float]] = {"soft": [], "hard": []}
+    with torch.inference_mode():
+        for mode in times:  # warm-up
+            model(idx, mode=mode)
+        for _ in range(args.repeats):
+            for mode in times:
+                start = time.perf_counter()
+                model(idx, mode=mode)
+                times[mode].append(time.perf_counter() - start)
+        rep = report(config, model(idx, mode="hard")[2])
+    soft, hard = statistics.median(times["soft"]), statistics.median(times["hard"])
+    result = {
+        "shape": "n_embd 256, 6 layers, 8 heads, FFN 1024, vocab 65",
+        "batch": args.batch,
+        "ctx": args.ctx,
+        "threads": torch.get_num_threads(),
+        "executed_fraction": rep.executed_fraction,
+        "flops_saved": rep.flops_saved,
+        "soft_ms": soft * 1e3,
+        "hard_ms": hard * 1e3,
+        "speedup_hard_over_soft": soft / hard,
+        "ideal_speedup_from_flops": 1 / (1 - rep.flops_saved),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print("| metric | value |\n|---|---|")
+    for key, value in result.items():
+        print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
