@@ -1,0 +1,157 @@
+"""The user's main job end to end, through the real command line."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import REPO, write_corpus
+from tsa_lightning.cli import main, sample
+from tsa_lightning.data import SHAKESPEARE_ALPHABET
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def data_overrides(config: Path, shared_data: Path, tmp_path: Path) -> list[str]:
+    """Shakespeare reads the real file; enwik8 configs get a small generated enwik8.zip."""
+    if "enwik8" not in config.name:
+        return [f"--data.init_args.data_dir={shared_data}"]
+    content = write_corpus(tmp_path / "raw", n_chars=200_000).read_bytes()
+    with zipfile.ZipFile(tmp_path / "enwik8.zip", "w") as archive:
+        archive.writestr("enwik8", content)
+    return [f"--data.init_args.path={tmp_path / 'enwik8.zip'}", "--data.init_args.sha256=null"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_prints_and_fits_two_steps(config, shared_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "checkpoint:" in printed
+    main(
+        [
+            "fit",
+            f"--config={config}",
+            *SHORT,
+            *data_overrides(config, shared_data, tmp_path),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert list((tmp_path / "runs").glob("*/checkpoints/last.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shared_data):
+    """A short fit of the CPU config through the real CLI, in a subprocess."""
+    root = tmp_path_factory.mktemp("run")
+    result = cli(
+        "fit",
+        f"--config={REPO / 'configs' / 'shakespeare_cpu.yaml'}",
+        "--trainer.max_steps=12",
+        "--trainer.val_check_interval=6",
+        "--trainer.limit_val_batches=3",
+        "--halting_histograms.every_n_steps=5",
+        "--tlops_monitor.every_n_steps=5",
+        "--trainer.logger.init_args.name=cpu",
+        f"--data.init_args.data_dir={shared_data}",
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_fit_writes_checkpoint_and_config(trained_run):
+    assert (trained_run / "runs/cpu/checkpoints/last.ckpt").is_file()
+    assert (trained_run / "runs/cpu/version_0/config.yaml").is_file()
+
+
+def test_tensorboard_has_routing_views(trained_run):
+    events = EventAccumulator(
+        str(trained_run / "runs/cpu/version_0"), size_guidance={"histograms": 0, "images": 0}
+    )
+    events.Reload()
+    tags = events.Tags()
+    histograms, scalars, images = set(tags["histograms"]), set(tags["scalars"]), set(tags["images"])
+    for stage in ("train", "val"):
+        assert {f"halting/{stage}/router_{i}" for i in range(3)} <= histograms
+    assert {f"tlops/val/executed_layer_{i}" for i in range(4)} <= scalars
+    assert {"tlops/train/executed_layer_1", "tlops/val/saved_paper", "tlops/val/saved_executed"} <= scalars
+    assert {"val/soft/bpc", "val/hard/bpc", "val/tlops_saved_paper", "val/tlops_saved_executed"} <= scalars
+    assert {"val/flops_saved", "train/loss", "train/bpc", "train/skip"} <= scalars
+    assert "depth_map/val" in images
+    histogram = events.Histograms("halting/val/router_0")[-1].histogram_value
+    assert histogram.num == 3 * 32 * 128  # three validation batches of 32 windows of 128 tokens
+    assert histogram.min >= 0.0 and histogram.max <= 1.0
+    first_layer = events.Scalars("tlops/val/executed_layer_0")[-1].value
+    assert first_layer == 1.0  # the stem always runs
+
+
+def test_saved_config_reproduces_the_run(trained_run):
+    saved = trained_run / "runs/cpu/version_0/config.yaml"
+    again = cli("fit", f"--config={saved}", "--checkpoint.dirpath=runs/again", cwd=trained_run)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    def final(version: str) -> float:
+        events = EventAccumulator(str(trained_run / "runs/cpu" / version))
+        events.Reload()
+        return events.Scalars("val/hard/bpc")[-1].value
+
+    assert final("version_1") == pytest.approx(final("version_0"), abs=1e-6)
+
+
+def test_rerun_never_overwrites_a_previous_run(trained_run):
+    checkpoint = trained_run / "runs/cpu/checkpoints/last.ckpt"
+    before = checkpoint.stat().st_mtime_ns
+    result = cli("fit", f"--config={trained_run / 'runs/cpu/version_0/config.yaml'}", cwd=trained_run)
+    assert result.returncode != 0
+    assert "already holds checkpoints" in result.stderr and "--ckpt_path last" in result.stderr
+    assert checkpoint.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("subcommand, split", [("validate", "val"), ("test", "test")])
+def test_validate_and_test_print_bpc_and_tlops(trained_run, subcommand, split):
+    result = cli(
+        subcommand,
+        f"--config={trained_run / 'runs/cpu/version_0/config.yaml'}",
+        "--ckpt_path=runs/cpu/checkpoints/last.ckpt",
+        f"--trainer.limit_{split}_batches=2",
+        cwd=trained_run,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for metric in ("soft/bpc", "hard/bpc", "tlops_saved_paper", "tlops_saved_executed", "flops_saved"):
+        assert f"{split}/{metric}" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_sample_from_checkpoint(trained_run, mode, capsys):
+    text = sample(
+        str(trained_run / "runs/cpu/checkpoints/last.ckpt"), prompt="ROMEO:", max_new_tokens=40, mode=mode
+    )
+    assert len(text) == 40 and set(text) <= set(SHAKESPEARE_ALPHABET)
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_sample_command_line(trained_run):
+    result = cli(
+        "sample", "--ckpt_path=runs/cpu/checkpoints/last.ckpt", "--max_new_tokens=25", cwd=trained_run
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) >= 25

@@ -1,0 +1,132 @@
+"""Command line: LightningCLI for fit / validate / test / predict, plus `sample` from a checkpoint.
+
+tsa-lightning fit --config configs/shakespeare_cpu.yaml
+tsa-lightning sample --ckpt_path runs/shakespeare_cpu/checkpoints/last.ckpt --prompt "ROMEO:"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import auto_cli
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tsa_lightning.callbacks import DepthMap, HaltingHistograms, TLOpsMonitor
+from tsa_lightning.data import CorpusError, TextDataModule
+from tsa_lightning.module import TSALanguageModel
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "tsa", "default_hp_metric": False},
+    },
+    "max_steps": 5000,
+    "val_check_interval": 500,
+    "check_val_every_n_epoch": None,  # validation is counted in steps, across epoch boundaries
+    "log_every_n_steps": 10,
+    "gradient_clip_val": 1.0,
+}
+
+
+class TSALightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the corpus decides the vocabulary and the context: written once, in data
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.alphabet", "model.alphabet", apply_on="instantiate")
+        parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
+        parser.add_lightning_class_args(HaltingHistograms, "halting_histograms")
+        parser.add_lightning_class_args(TLOpsMonitor, "tlops_monitor")
+        parser.add_lightning_class_args(DepthMap, "depth_map")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.monitor": "val/hard/bpc",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best-{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Checkpoints go to a fixed folder per run name, so that `--ckpt_path last` finds them."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.checkpoint.dirpath is None:
+            logger = config.trainer.logger
+            args = logger.init_args if logger and hasattr(logger, "init_args") else None
+            if args is not None and "save_dir" in args:
+                config.checkpoint.dirpath = str(
+                    Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
+                )
+
+    def before_fit(self) -> None:
+        """Never let a fresh run overwrite an earlier run's checkpoints."""
+        dirpath = self.config_init.fit.checkpoint.dirpath
+        if self.config_init.fit.ckpt_path is None and dirpath and any(Path(dirpath).glob("*.ckpt")):
+            raise SystemExit(
+                f"error: {dirpath} already holds checkpoints of an earlier run. Resume it with "
+                "`--ckpt_path last`, or start a new run under another name "
+                "(--trainer.logger.init_args.name=...) or folder (--checkpoint.dirpath=...)."
+            )
+
+
+def sample(
+    ckpt_path: str | None = None,
+    prompt: str = "\n",
+    max_new_tokens: int = 500,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    mode: str = "soft",
+    threshold: float | None = None,
+    seed: int = 1337,
+) -> str:
+    """Print text sampled from a checkpoint.
+
+    Args:
+        ckpt_path: a checkpoint written by `fit`.
+        prompt: text to continue (in the corpus alphabet).
+        max_new_tokens: how many tokens to generate.
+        temperature: softmax temperature; 0 is greedy.
+        top_k: sample only among the k most likely tokens.
+        mode: "soft" (every block runs) or "hard" (tokens skip blocks).
+        threshold: skip threshold for hard mode (default: the trained model's).
+        seed: random seed for sampling.
+    """
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        raise SystemExit(f"error: --ckpt_path must name an existing checkpoint file, got {ckpt_path}")
+    torch.manual_seed(seed)
+    module = TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    if threshold is not None:
+        module.config.skip_threshold = threshold
+    text = module.sample(prompt, max_new_tokens, temperature=temperature, top_k=top_k, mode=mode)
+    print(prompt + text)
+    return text
+
+
+def main(args: list[str] | None = None) -> None:
+    """Bad input ends in one line that says what to fix; TSA_TRACEBACK=1 shows the traceback instead."""
+    argv = sys.argv[1:] if args is None else args
+    try:
+        if argv and argv[0] == "sample":
+            auto_cli(sample, args=argv[1:])
+            return
+        TSALightningCLI(
+            TSALanguageModel,
+            TextDataModule,
+            subclass_mode_data=True,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=1337,
+            args=args,
+        )
+    except (CorpusError, ValueError) as e:
+        if os.environ.get("TSA_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

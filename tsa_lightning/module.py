@@ -1,0 +1,209 @@
+"""The LightningModule: trains a TSA model (or its dense twin) and scores it in soft and hard mode."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric, Metric
+
+from tsa_lightning.accounting import ComputeReport, summarize, tally
+from tsa_lightning.data import IGNORE_INDEX, Codec
+from tsa_lightning.model import Routing, TSAConfig, TSATransformer
+
+MODES = ("soft", "hard")
+
+
+class ComputeMetric(Metric):
+    """Sums of `accounting.tally` over batches and ranks; `compute` gives the ComputeReport."""
+
+    full_state_update = False
+
+    def __init__(self, config: TSAConfig) -> None:
+        super().__init__()
+        self.config = config
+        for name in ("keep_sum", "halt_count", "tokens", "flops", "dense_flops"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "executed_per_layer", torch.zeros(config.n_layer, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+
+    def update(self, routing: Routing) -> None:
+        for name, value in tally(self.config, routing).items():
+            setattr(self, name, getattr(self, name) + value.to(self.device))
+
+    def compute(self) -> ComputeReport:
+        names = ("keep_sum", "halt_count", "tokens", "flops", "dense_flops", "executed_per_layer")
+        return summarize(self.config, {name: getattr(self, name) for name in names})
+
+
+class LossMetrics(torch.nn.Module):
+    """Mean loss in nats per target, weighted by target count so every target counts once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nats = MeanMetric()
+
+    def update(self, loss: Tensor, targets: Tensor) -> None:
+        self.nats.update(loss.detach(), weight=(targets != IGNORE_INDEX).sum())
+
+    def compute(self) -> dict[str, Tensor]:
+        nats = self.nats.compute()
+        return {"loss": nats, "bpc": nats / math.log(2), "ppl": torch.exp(nats)}
+
+    def reset(self) -> None:
+        self.nats.reset()
+
+
+class TSALanguageModel(L.LightningModule):
+    """A character/byte language model whose tokens choose their own depth.
+
+    Model args mirror `TSAConfig`. Training args: AdamW (decay on matrices only), linear warmup
+    then cosine decay to min_lr by step, and the paper's optional depth loss
+    `depth_loss_weight * mean(1 - p)`, which pushes routers towards skipping.
+    `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 65,
+        block_size: int = 128,
+        n_layer: int = 6,
+        n_head: int = 8,
+        n_embd: int = 256,
+        ffn_hidden: int | None = None,
+        dropout: float = 0.1,
+        bias: bool = True,
+        routing: Literal["none", "tsa"] = "tsa",
+        router_hidden: int | None = None,
+        router_bias_init: float = -1.0,
+        skip_threshold: float = 0.5,
+        depth_loss_weight: float = 0.0,
+        learning_rate: float = 1e-3,
+        min_learning_rate: float = 1e-4,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        alphabet: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = TSAConfig(
+            vocab_size=vocab_size,
+            block_size=block_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            ffn_hidden=ffn_hidden,
+            dropout=dropout,
+            bias=bias,
+            routing=routing,
+            router_hidden=router_hidden,
+            router_bias_init=router_bias_init,
+            skip_threshold=skip_threshold,
+        )
+        if alphabet is not None and len(alphabet) != vocab_size:
+            raise ValueError(f"alphabet has {len(alphabet)} characters but vocab_size is {vocab_size}")
+        self.model = TSATransformer(self.config)
+        self.codec = Codec(alphabet)
+        self.train_loss = LossMetrics()
+        self.eval_loss = torch.nn.ModuleDict({mode: LossMetrics() for mode in MODES})
+        self.eval_compute = ComputeMetric(self.config)
+        self.compute_reports: dict[str, ComputeReport] = {}  # the last validation's and test's
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The dense twin has one behaviour; scoring it twice would only cost time."""
+        return MODES if self.config.routing != "none" else ("soft",)
+
+    def forward(self, idx: Tensor, mode: str = "soft") -> Tensor:
+        return self.model(idx, mode=mode)[0]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        _, loss, routing = self.model(x, y)
+        total = loss
+        if routing.halt_probs is not None:
+            keep = (1 - routing.halt_probs).mean()
+            total = loss + self.hparams.depth_loss_weight * keep
+            would_skip = (routing.halt_probs > self.config.skip_threshold).float().mean()
+            self.log("train/skip", would_skip, prog_bar=True)
+            self.log("train/keep", keep)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpc", loss / math.log(2), prog_bar=True)
+        return {
+            "loss": total,
+            "halt_probs": None if routing.halt_probs is None else routing.halt_probs.detach(),
+        }
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor]) -> dict[str, Routing]:
+        x, y = batch
+        routings = {}
+        for mode in self.modes:
+            _, loss, routings[mode] = self.model(x, y, mode=mode)
+            self.eval_loss[mode].update(loss, y)
+        routings.setdefault("hard", routings["soft"])
+        # the paper's metric is soft (as published); the executed one comes from hard mode
+        self.eval_compute.update(Routing(routings["soft"].halt_probs, routings["hard"].executed))
+        return routings
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
+        return self._evaluate(batch)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
+        return self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, stage: str) -> None:
+        results = {mode: self.eval_loss[mode].compute() for mode in self.modes}
+        results.setdefault("hard", results["soft"])  # the dense twin's hard mode is its soft mode
+        for mode, values in results.items():
+            for name, value in values.items():
+                self.log(f"{stage}/{mode}/{name}", value, prog_bar=(name == "bpc"))
+        for metric in self.eval_loss.values():
+            metric.reset()
+        report = self.compute_reports[stage] = self.eval_compute.compute()
+        self.log(f"{stage}/tlops_saved_paper", report.paper_tlops_saved)
+        self.log(f"{stage}/tlops_saved_executed", report.executed_tlops_saved, prog_bar=True)
+        self.log(f"{stage}/flops_saved", report.flops_saved)
+        self.eval_compute.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.model.param_groups(hp.weight_decay), lr=hp.learning_rate, betas=hp.betas
+        )
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            raise ValueError("set trainer.max_steps: the learning-rate schedule decays by step")
+
+        def lr_factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            floor = hp.min_learning_rate / hp.learning_rate
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        mode: str = "soft",
+    ) -> str:
+        idx = torch.tensor([self.codec.encode(prompt or "\n")], device=self.device)
+        out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, mode=mode)
+        return self.codec.decode(out[0, idx.size(1) :])
