@@ -27,7 +27,8 @@ def forward_flops(config: TSAConfig, executed: Tensor) -> float:
     """Analytic forward FLOPs (2 per multiply-add) of one batch, given which token ran which block.
 
     Counted: attention projections, attention scores and weighted values (causal: a token at
-    position t reads t + 1 keys), FFN, routers, LM head. Not counted: norms, softmax, embeddings.
+    position t reads t + 1 keys), FFN, routing decisions (for every token), LM head.
+    Not counted: norms, softmax, embeddings.
     Every token's keys and values are computed at every block, run or skipped, because later
     tokens may attend to a skipped token's copied state.
     """
@@ -37,9 +38,22 @@ def forward_flops(config: TSAConfig, executed: Tensor) -> float:
     attention_cost = 4 * C * torch.arange(1, T + 1, dtype=torch.float64, device=executed.device)
     run = (executed.to(torch.float64) * (kept_cost + attention_cost[None, :, None])).sum().item()
     key_value = 4 * C * C * L
-    routers = 0 if config.routing == "none" else (L - 1) * 2 * config.router_hidden * (C + 1)
     head = 2 * C * V
-    return run + B * T * (key_value + routers + head)
+    return run + B * T * (key_value + routing_flops_per_token(config) + head)
+
+
+def routing_flops_per_token(config: TSAConfig) -> int:
+    """What deciding costs: TSA's routers, early exit's tied exit heads, MoD's scorers and predictors."""
+    C, H, L = config.n_embd, config.router_hidden, config.n_layer
+    mlp_router = 2 * H * (C + 1)
+    if config.routing == "tsa":
+        return (L - 1) * mlp_router
+    if config.routing == "early_exit":
+        return (L - 1) * 2 * C * config.vocab_size
+    if config.routing == "mod":
+        routed = sum(1 for i in range(L - 1) if (i + 1) % config.mod_every == 0)
+        return routed * (2 * C + mlp_router)
+    return 0
 
 
 def dense_twin_flops(config: TSAConfig, batch: int, seq_len: int) -> float:

@@ -34,10 +34,13 @@ class TSAConfig:
     ffn_hidden: int | None = None  # default 4 * n_embd
     dropout: float = 0.0
     bias: bool = True
-    routing: Literal["none", "tsa"] = "tsa"  # "none" is the dense twin
+    routing: Literal["none", "tsa", "early_exit", "mod"] = "tsa"  # "none" is the dense twin
     router_hidden: int | None = None  # default max(16, n_embd // 4), as published
     router_bias_init: float = -1.0  # sigmoid(-1) ~ 0.27: every token starts mostly kept
     skip_threshold: float = 0.5  # hard mode skips a block when p > skip_threshold
+    gate: Literal["soft", "straight_through"] = "soft"  # how training applies the router (see route)
+    mod_capacity: float = 0.125  # Mixture-of-Depths baseline: share of each sequence a routed block runs
+    mod_every: int = 2  # Mixture-of-Depths baseline: route every mod_every-th block
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
@@ -64,10 +67,16 @@ class TSAConfig:
             raise ValueError(f"TSAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.skip_threshold <= 1.0:
             raise ValueError(f"TSAConfig.skip_threshold must be in [0, 1], got {self.skip_threshold!r}")
-        if self.routing not in ("none", "tsa"):
-            raise ValueError(f"TSAConfig.routing must be 'none' or 'tsa', got {self.routing!r}")
-        if self.routing == "tsa" and self.n_layer < 2:
-            raise ValueError(f"TSAConfig.n_layer must be at least 2 when routing='tsa', got {self.n_layer}")
+        choices = {"routing": ("none", "tsa", "early_exit", "mod"), "gate": ("soft", "straight_through")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TSAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.routing != "none" and self.n_layer < 2:
+            raise ValueError(f"TSAConfig.n_layer must be at least 2 when routing blocks, got {self.n_layer}")
+        if not 0.0 < self.mod_capacity <= 1.0:
+            raise ValueError(f"TSAConfig.mod_capacity must be in (0, 1], got {self.mod_capacity!r}")
+        if not isinstance(self.mod_every, int) or self.mod_every < 1:
+            raise ValueError(f"TSAConfig.mod_every must be a positive integer, got {self.mod_every!r}")
         if not math.isfinite(self.router_bias_init):
             raise ValueError(f"TSAConfig.router_bias_init must be finite, got {self.router_bias_init!r}")
 
@@ -78,6 +87,17 @@ class Routing:
 
     halt_probs: Tensor | None  # (B, T, L-1): router l's p, read after block l; None for the dense twin
     executed: Tensor  # (B, T, L) bool: which token ran which block (soft mode runs everything)
+    aux_loss: Tensor | None = None  # training term to add to the task loss, if the router has one
+
+
+@dataclass
+class Decision:
+    """How one block runs: who runs it and how strongly their updates count."""
+
+    keep: Tensor | None = None  # (B, T, 1) scale of the block's updates; None: 1
+    kept: Tensor | None = None  # (B, T) bool: tokens that run the block; None: every token
+    halt: Tensor | None = None  # (B, T) the router's halting probability, for the logs
+    aux_loss: Tensor | None = None  # a training term the router adds (baselines)
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,16 +172,25 @@ class Block(nn.Module):
         x = x + _scaled(self.dropout(self.attn(self.ln_1(x))), keep)
         return x + _scaled(self.dropout(self.mlp(self.ln_2(x))), keep)
 
-    def forward_kept(self, x: Tensor, keep: Tensor, kept: Tensor) -> Tensor:
+    def forward_kept(self, x: Tensor, keep: Tensor | None, kept: Tensor) -> Tensor:
         """Only tokens with `kept` (B, T) run: gather them, compute, scatter back."""
-        h, w = x[kept], keep[kept]
-        h = h + w * self.dropout(self.attn.forward_kept(self.ln_1(x), kept))
-        h = h + w * self.dropout(self.mlp(self.ln_2(h)))
+        h, w = x[kept], None if keep is None else keep[kept]
+        h = h + _scaled(self.dropout(self.attn.forward_kept(self.ln_1(x), kept)), w)
+        h = h + _scaled(self.dropout(self.mlp(self.ln_2(h))), w)
         return x.masked_scatter(kept[..., None], h)
 
 
 def _scaled(update: Tensor, keep: Tensor | None) -> Tensor:
     return update if keep is None else keep * update
+
+
+def run_block(block: Block, x: Tensor, keep: Tensor | None, kept: Tensor | None) -> Tensor:
+    """Dense when every token runs, gather/scatter when some do, nothing when none do."""
+    if kept is None or kept.all():
+        return block(x, keep)
+    if kept.any():
+        return block.forward_kept(x, keep, kept)
+    return x
 
 
 class Router(nn.Module):
@@ -223,42 +252,52 @@ class TSATransformer(nn.Module):
         threshold = self.config.skip_threshold if threshold is None else threshold
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
         x = self.blocks[0](x)  # the stem: every token runs block 0
-        executed = [torch.ones(B, T, dtype=torch.bool, device=idx.device)]
-        halts = []
+        everyone = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        executed, halts, aux = [everyone], [], []
         for i, block in enumerate(self.blocks[1:]):
-            if self.routers is None:
-                x = block(x)
-                executed.append(executed[0])
-                continue
-            p = self.routers[i](x)
-            halts.append(p)
-            keep = (1 - p).unsqueeze(-1)
-            if mode == "soft":
-                x = block(x, keep)
-                executed.append(executed[0])
-                continue
-            kept = p <= threshold
-            executed.append(kept)
-            if kept.all():
-                x = block(x, keep)
-            elif kept.any():  # a block no token runs costs nothing
-                x = block.forward_kept(x, keep, kept)
+            decision = self.route(i, x, mode, threshold, targets)
+            x = run_block(block, x, decision.keep, decision.kept)
+            executed.append(everyone if decision.kept is None else decision.kept)
+            if decision.halt is not None:
+                halts.append(decision.halt)
+            if decision.aux_loss is not None:
+                aux.append(decision.aux_loss)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         routing = Routing(
-            halt_probs=torch.stack(halts, dim=-1) if halts else None, executed=torch.stack(executed, -1)
+            halt_probs=torch.stack(halts, dim=-1) if halts else None,
+            executed=torch.stack(executed, dim=-1),
+            aux_loss=self.auxiliary_loss(loss, aux),
         )
         return logits, loss, routing
+
+    def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
+        """TSA's decision for block i + 1, read from the state after block i."""
+        if self.routers is None:
+            return Decision()
+        p = self.routers[i](x)
+        keep = (1 - p).unsqueeze(-1)
+        kept = p <= threshold
+        if mode == "hard":
+            return Decision(keep=keep, kept=kept, halt=p)
+        if self.config.gate == "straight_through":  # forward as in hard mode, gradient as in soft mode
+            keep = keep + (keep * kept.unsqueeze(-1) - keep).detach()
+        return Decision(keep=keep, halt=p)
+
+    def auxiliary_loss(self, loss: Tensor | None, terms: list[Tensor]) -> Tensor | None:
+        """What training adds to the task loss (the baselines' exit and predictor losses)."""
+        return torch.stack(terms).sum() if terms else None
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def router_overhead(self) -> float:
-        """Router parameters as a fraction of the dense twin's parameters."""
-        router = 0 if self.routers is None else sum(p.numel() for p in self.routers.parameters())
-        return router / (self.num_params() - router)
+        """Routing parameters (anything outside the trunk) as a fraction of the dense twin's."""
+        trunk = {id(p) for m in (self.wte, self.wpe, self.blocks, self.ln_f) for p in m.parameters()}
+        dense = sum(p.numel() for p in self.parameters() if id(p) in trunk)
+        return (self.num_params() - dense) / dense
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices (linear weights, embeddings) only; never biases or norms."""

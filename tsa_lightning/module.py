@@ -11,8 +11,9 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
 from tsa_lightning.accounting import ComputeReport, summarize, tally
+from tsa_lightning.baselines import build_model
 from tsa_lightning.data import IGNORE_INDEX, Codec
-from tsa_lightning.model import Routing, TSAConfig, TSATransformer
+from tsa_lightning.model import Routing, TSAConfig
 
 MODES = ("soft", "hard")
 
@@ -77,10 +78,13 @@ class TSALanguageModel(L.LightningModule):
         ffn_hidden: int | None = None,
         dropout: float = 0.1,
         bias: bool = True,
-        routing: Literal["none", "tsa"] = "tsa",
+        routing: Literal["none", "tsa", "early_exit", "mod"] = "tsa",
         router_hidden: int | None = None,
         router_bias_init: float = -1.0,
         skip_threshold: float = 0.5,
+        gate: Literal["soft", "straight_through"] = "soft",
+        mod_capacity: float = 0.125,
+        mod_every: int = 2,
         depth_loss_weight: float = 0.0,
         learning_rate: float = 1e-3,
         min_learning_rate: float = 1e-4,
@@ -104,10 +108,13 @@ class TSALanguageModel(L.LightningModule):
             router_hidden=router_hidden,
             router_bias_init=router_bias_init,
             skip_threshold=skip_threshold,
+            gate=gate,
+            mod_capacity=mod_capacity,
+            mod_every=mod_every,
         )
         if alphabet is not None and len(alphabet) != vocab_size:
             raise ValueError(f"alphabet has {len(alphabet)} characters but vocab_size is {vocab_size}")
-        self.model = TSATransformer(self.config)
+        self.model = build_model(self.config)
         self.codec = Codec(alphabet)
         self.train_loss = LossMetrics()
         self.eval_loss = torch.nn.ModuleDict({mode: LossMetrics() for mode in MODES})
@@ -125,13 +132,14 @@ class TSALanguageModel(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
         _, loss, routing = self.model(x, y)
-        total = loss
+        total = loss if routing.aux_loss is None else loss + routing.aux_loss
         if routing.halt_probs is not None:
-            keep = (1 - routing.halt_probs).mean()
-            total = loss + self.hparams.depth_loss_weight * keep
+            if self.config.routing == "tsa":
+                keep = (1 - routing.halt_probs).mean()
+                total = total + self.hparams.depth_loss_weight * keep
+                self.log("train/keep", keep)
             would_skip = (routing.halt_probs > self.config.skip_threshold).float().mean()
             self.log("train/skip", would_skip, prog_bar=True)
-            self.log("train/keep", keep)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpc", loss / math.log(2), prog_bar=True)
         return {

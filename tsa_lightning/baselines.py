@@ -1,0 +1,87 @@
+"""Adaptive-depth baselines on TSA's own trunk: same blocks, init, data, trainer and accounting.
+
+Each baseline only overrides `route` (who runs the next block, and how strongly), so the hard-mode
+machinery - gather/compute/scatter, keys and values from every position's current state - and
+the compute accounting are shared with TSA. `threshold` always means "higher runs more".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tsa_lightning.model import Decision, Mode, Router, TSAConfig, TSATransformer
+
+
+class EarlyExitTransformer(TSATransformer):
+    """Early exit (CALM-style): exit heads tied to the LM head after every block.
+
+    A token leaves at the first block whose exit head's max-softmax confidence reaches the
+    threshold; its state is copied upward, so later tokens still attend to it, and the final
+    head on the copied state is exactly its exit head. Training minimises the mean loss over
+    all exits. Since a skipped token's state no longer changes, deciding afresh at every block
+    gives the same answer as remembering who left.
+    """
+
+    def confidence(self, x: Tensor) -> Tensor:
+        return F.softmax(self.lm_head(self.ln_f(x)), dim=-1).amax(dim=-1)
+
+    def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
+        if mode == "hard":
+            confidence = self.confidence(x)
+            return Decision(kept=confidence < threshold, halt=confidence)
+        if targets is None:
+            return Decision()
+        logits = self.lm_head(self.ln_f(x))
+        return Decision(aux_loss=F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1)))
+
+    def auxiliary_loss(self, loss: Tensor | None, terms: list[Tensor]) -> Tensor | None:
+        """Chosen so that loss + aux is the mean over the L exits (the last exit being `loss`)."""
+        if loss is None or not terms:
+            return None
+        return (torch.stack(terms).sum() + loss) / (len(terms) + 1) - loss
+
+
+class MixtureOfDepthsTransformer(TSATransformer):
+    """Mixture-of-Depths (Raposo et al. 2024) with a causal predictor.
+
+    On every mod_every-th block a linear router scores tokens; in training only the top
+    mod_capacity share of each sequence runs the block, its update weighted by sigmoid(score).
+    Top-k looks at the whole sequence, so it cannot decide while sampling: a small MLP predictor,
+    trained with BCE on a detached state to guess top-k membership, decides in hard mode
+    (a token runs when its predicted skip probability is <= threshold).
+    """
+
+    def __init__(self, config: TSAConfig) -> None:
+        super().__init__(config)
+        routed = [str(i) for i in range(config.n_layer - 1) if (i + 1) % config.mod_every == 0]
+        self.scorers = nn.ModuleDict({i: nn.Linear(config.n_embd, 1) for i in routed})
+        self.predictors = nn.ModuleDict({i: Router(config) for i in routed})
+        self.scorers.apply(self._init_router)
+        self.predictors.apply(self._init_router)
+
+    def capacity(self, seq_len: int) -> int:
+        return max(1, round(self.config.mod_capacity * seq_len))
+
+    def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
+        if str(i) not in self.scorers:
+            return Decision()
+        weight = torch.sigmoid(self.scorers[str(i)](x))
+        skip = self.predictors[str(i)](x.detach())  # the predictor never steers the trunk
+        if mode == "hard":
+            return Decision(keep=weight, kept=skip <= threshold, halt=skip)
+        top = weight.squeeze(-1).topk(self.capacity(x.size(1)), dim=-1).indices
+        kept = torch.zeros_like(skip, dtype=torch.bool).scatter(1, top, True)
+        return Decision(
+            keep=weight, kept=kept, halt=skip, aux_loss=F.binary_cross_entropy(skip, (~kept).float())
+        )
+
+
+def build_model(config: TSAConfig) -> TSATransformer:
+    """The model class that `config.routing` names."""
+    if config.routing == "early_exit":
+        return EarlyExitTransformer(config)
+    if config.routing == "mod":
+        return MixtureOfDepthsTransformer(config)
+    return TSATransformer(config)
