@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tsa_lightning.callbacks import DepthMap, HaltingHistograms, TLOpsMonitor
 from tsa_lightning.data import CorpusError, TextDataModule
+from tsa_lightning.evaluation import DEFAULT_THRESHOLDS, markdown_table, sweep, write_outputs
 from tsa_lightning.module import TSALanguageModel
 
 TRAINER_DEFAULTS = {
@@ -107,12 +109,54 @@ def sample(
     return text
 
 
+def evaluate(
+    ckpt_path: str | None = None,
+    data: TextDataModule | None = None,
+    split: str = "test",
+    thresholds: list[float] | None = None,
+    out_dir: str = "eval",
+    name: str | None = None,
+    limit_batches: int | None = None,
+) -> dict:
+    """Sweep the skip threshold of a checkpoint: hard-mode bpc against executed compute.
+
+    Args:
+        ckpt_path: a checkpoint written by `fit`.
+        data: the corpus, as in the training config (e.g. --data=ShakespeareDataModule).
+        split: "val" or "test".
+        thresholds: skip thresholds to sweep (default 0, 0.05, ..., 1, 1.01).
+        out_dir: folder for <name>.json, <name>.md, <name>.png and tensorboard/.
+        name: file stem for the outputs (default: the checkpoint's file stem).
+        limit_batches: score only the first batches (quick looks; the full split by default).
+    """
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        raise SystemExit(f"error: --ckpt_path must name an existing checkpoint file, got {ckpt_path}")
+    if data is None:
+        raise SystemExit("error: --data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
+    if split not in ("val", "test"):
+        raise SystemExit(f"error: --split must be 'val' or 'test', got {split!r}")
+    name = name or Path(ckpt_path).stem
+    if (Path(out_dir) / f"{name}.json").exists():
+        raise SystemExit(f"error: {Path(out_dir) / name}.json exists; choose another --out_dir or --name")
+    module = TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
+    data.setup("test")
+    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
+    batches = list(islice(loader, limit_batches)) if limit_batches else loader
+    result = sweep(module.model, batches, thresholds or DEFAULT_THRESHOLDS)
+    write_outputs(result, Path(out_dir), name)
+    print(markdown_table(result))
+    return result
+
+
+SUBCOMMANDS = {"sample": sample, "evaluate": evaluate}
+
+
 def main(args: list[str] | None = None) -> None:
     """Bad input ends in one line that says what to fix; TSA_TRACEBACK=1 shows the traceback instead."""
     argv = sys.argv[1:] if args is None else args
     try:
-        if argv and argv[0] == "sample":
-            auto_cli(sample, args=argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            auto_cli(SUBCOMMANDS[argv[0]], args=argv[1:])
             return
         TSALightningCLI(
             TSALanguageModel,
