@@ -109,20 +109,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def _heads(self, x: Tensor) -> Tensor:
+    def split_heads(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
-    def _merge(self, y: Tensor) -> Tensor:
+    def merge_heads(self, y: Tensor) -> Tensor:
         B, H, T, D = y.shape
         return y.transpose(1, 2).reshape(B, T, H * D)
 
     def forward(self, x: Tensor) -> Tensor:
-        q = self._heads(self.query(x))
-        k, v = map(self._heads, self.key_value(x).chunk(2, dim=-1))
+        q = self.split_heads(self.query(x))
+        k, v = map(self.split_heads, self.key_value(x).chunk(2, dim=-1))
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.proj(self._merge(y))
+        return self.proj(self.merge_heads(y))
 
     def forward_kept(self, x: Tensor, kept: Tensor) -> Tensor:
         """Attention for the kept tokens only; returns their updates as (N, C) in row-major order.
@@ -132,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         to the left of each row, so the attention is batched with a causal mask by position.
         """
         B, T, C = x.shape
-        k, v = map(self._heads, self.key_value(x).chunk(2, dim=-1))
+        k, v = map(self.split_heads, self.key_value(x).chunk(2, dim=-1))
         counts = kept.sum(dim=1)
         n = int(counts.max())
         # positions of the kept tokens, packed left in each row (stable sort keeps them in order)
@@ -142,8 +142,10 @@ class CausalSelfAttention(nn.Module):
         q[slot_used] = self.query(x[kept])
         may_attend = torch.arange(T, device=x.device) <= positions[:, :, None]  # (B, n, T)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(self._heads(q), k, v, attn_mask=may_attend[:, None], dropout_p=p)
-        return self.proj(self._merge(y)[slot_used])
+        y = F.scaled_dot_product_attention(
+            self.split_heads(q), k, v, attn_mask=may_attend[:, None], dropout_p=p
+        )
+        return self.proj(self.merge_heads(y)[slot_used])
 
 
 class MLP(nn.Module):
@@ -169,18 +171,18 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         """Every token runs; `keep` (B, T, 1) scales both updates (None: the dense block)."""
-        x = x + _scaled(self.dropout(self.attn(self.ln_1(x))), keep)
-        return x + _scaled(self.dropout(self.mlp(self.ln_2(x))), keep)
+        x = x + scale_update(self.dropout(self.attn(self.ln_1(x))), keep)
+        return x + scale_update(self.dropout(self.mlp(self.ln_2(x))), keep)
 
     def forward_kept(self, x: Tensor, keep: Tensor | None, kept: Tensor) -> Tensor:
         """Only tokens with `kept` (B, T) run: gather them, compute, scatter back."""
         h, w = x[kept], None if keep is None else keep[kept]
-        h = h + _scaled(self.dropout(self.attn.forward_kept(self.ln_1(x), kept)), w)
-        h = h + _scaled(self.dropout(self.mlp(self.ln_2(h))), w)
+        h = h + scale_update(self.dropout(self.attn.forward_kept(self.ln_1(x), kept)), w)
+        h = h + scale_update(self.dropout(self.mlp(self.ln_2(h))), w)
         return x.masked_scatter(kept[..., None], h)
 
 
-def _scaled(update: Tensor, keep: Tensor | None) -> Tensor:
+def scale_update(update: Tensor, keep: Tensor | None) -> Tensor:
     return update if keep is None else keep * update
 
 

@@ -1,0 +1,129 @@
+"""Incremental decoding with a key/value cache, where each new token decides per block whether to run it.
+
+A token that skips a block still writes that block's keys and values to the cache, projected from
+its copied hidden state (CALM-style), so later tokens attend to it exactly as in the full-sequence
+hard forward; only its query, attention, output projection and FFN are skipped. Prompts of
+different lengths are left-padded; pads are never attended to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from tsa_lightning.model import Block, TSATransformer, scale_update
+
+
+class KVCache:
+    """Keys and values of every block for every position so far: (L, B, H, max_len, head_dim) each."""
+
+    def __init__(self, model: TSATransformer, batch: int, max_len: int, like: Tensor) -> None:
+        c = model.config
+        shape = (c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head)
+        self.k = like.new_zeros(shape)
+        self.v = like.new_zeros(shape)
+
+
+def _block_step(
+    block: Block,
+    x: Tensor,
+    keep: Tensor | None,
+    kept: Tensor | None,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    t: int,
+    mask: Tensor,
+) -> Tensor:
+    """One position of one block for the whole batch; rows with kept False only write keys/values."""
+    attn = block.attn
+    a = block.ln_1(x)
+    k, v = (attn.split_heads(u) for u in attn.key_value(a).chunk(2, dim=-1))
+    k_cache[:, :, t], v_cache[:, :, t] = k[:, :, 0], v[:, :, 0]
+    rows = None if kept is None or kept.all() else kept[:, 0].nonzero().squeeze(1)
+    if rows is not None and rows.numel() == 0:
+        return x  # nobody runs this block: the projections above were all it cost
+    pick = slice(None) if rows is None else rows
+    w = None if keep is None else keep[pick]
+    q = attn.split_heads(attn.query(a[pick]))
+    y = F.scaled_dot_product_attention(
+        q, k_cache[pick, :, : t + 1], v_cache[pick, :, : t + 1], attn_mask=mask[pick]
+    )
+    h = x[pick] + scale_update(attn.proj(attn.merge_heads(y)), w)
+    h = h + scale_update(block.mlp(block.ln_2(h)), w)
+    if rows is None:
+        return h
+    x = x.clone()
+    x[rows] = h
+    return x
+
+
+def decode_step(
+    model: TSATransformer, cache: KVCache, token: Tensor, t: int, start: Tensor, threshold: float
+) -> tuple[Tensor, Tensor]:
+    """Feed position t (token: (B,)); returns next-token logits (B, V) and the executed mask (B, L)."""
+    B = token.size(0)
+    positions = torch.arange(t + 1, device=token.device)
+    # a real token reads real tokens only; a pad reads itself, so nothing is ever all-masked
+    mask = ((positions >= start[:, None]) | (positions == t))[:, None, None, :]
+    x = model.wte(token)[:, None] + model.wpe((t - start).clamp(min=0))[:, None]
+    executed = [torch.ones(B, dtype=torch.bool, device=token.device)]
+    x = _block_step(model.blocks[0], x, None, None, cache.k[0], cache.v[0], t, mask)
+    for i, block in enumerate(model.blocks[1:]):
+        decision = model.route(i, x, "hard", threshold, None)
+        x = _block_step(block, x, decision.keep, decision.kept, cache.k[i + 1], cache.v[i + 1], t, mask)
+        executed.append(executed[0] if decision.kept is None else decision.kept[:, 0])
+    return model.lm_head(model.ln_f(x))[:, 0], torch.stack(executed, dim=-1)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
+
+
+@torch.no_grad()
+def generate_cached(
+    model: TSATransformer,
+    prompts: list[Tensor],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    threshold: float | None = None,
+) -> list[Tensor]:
+    """Hard-mode sampling with a key/value cache; prompts may differ in length. Returns prompt + new tokens.
+
+    The cache holds block_size positions, as learned position embeddings allow no more.
+    """
+    model.eval()
+    threshold = model.config.skip_threshold if threshold is None else threshold
+    lengths = torch.tensor([len(p) for p in prompts])
+    if lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    total = int(lengths.max()) + max_new_tokens
+    if total > model.config.block_size:
+        raise ValueError(
+            f"prompt plus max_new_tokens is {total} tokens, more than block_size {model.config.block_size}; "
+            "use TSATransformer.generate (full recompute over a sliding window) for longer samples"
+        )
+    device = model.wte.weight.device
+    T0 = int(lengths.max())
+    start = (T0 - lengths).to(device)
+    padded = torch.zeros(len(prompts), T0, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        padded[b, T0 - len(p) :] = p.to(device)
+    cache = KVCache(model, len(prompts), total, model.wte.weight)
+    for t in range(T0):  # prefill, one position at a time
+        logits, _ = decode_step(model, cache, padded[:, t], t, start, threshold)
+    generated = []
+    for t in range(T0, total):
+        token = _sample(logits, temperature, top_k)
+        generated.append(token)
+        if t + 1 < total:
+            logits, _ = decode_step(model, cache, token, t, start, threshold)
+    new = torch.stack(generated, dim=1) if generated else padded[:, :0]
+    return [torch.cat([p.to(device), new[b]]) for b, p in enumerate(prompts)]
