@@ -1,0 +1,301 @@
+"""Does skipped work become wall-clock time? Dense twin vs TSA hard mode on trained checkpoints.
+
+Measures, side by side in one process (alternating, several repeats, median):
+- full-sequence forward tokens/s at batch 1, 8, 64 and ctx 128, 256 (up to the model's block_size),
+  with the executed skip fraction and FLOPs measured on real text (test-split windows);
+- KV-cache greedy decoding tokens/s at batch 1 and 8;
+- one training step (forward, backward, AdamW) of the TSA model, its dense twin, and a plain
+  straightforward PyTorch GPT of the same shape;
+- peak memory of each forward (CUDA allocator peak; on CPU the RSS high-water mark of a fresh process).
+
+    python benchmarks/speed.py --dense runs/bench/dense.ckpt --tsa runs/bench/tsa.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tsa_lightning.accounting import report
+from tsa_lightning.data import ShakespeareDataModule
+from tsa_lightning.inference import generate_cached
+from tsa_lightning.model import TSAConfig, TSATransformer
+from tsa_lightning.module import TSALanguageModel
+
+
+class PlainGPT(nn.Module):
+    """The straightforward PyTorch GPT (nanoGPT's shape: fused qkv, SDPA, GELU MLP, tied head)."""
+
+    def __init__(self, c: TSAConfig) -> None:
+        super().__init__()
+        self.n_head = c.n_head
+        self.wte, self.wpe = nn.Embedding(c.vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln_1": nn.LayerNorm(c.n_embd),
+                    "qkv": nn.Linear(c.n_embd, 3 * c.n_embd),
+                    "proj": nn.Linear(c.n_embd, c.n_embd),
+                    "ln_2": nn.LayerNorm(c.n_embd),
+                    "fc": nn.Linear(c.n_embd, c.ffn_hidden),
+                    "fc_proj": nn.Linear(c.ffn_hidden, c.n_embd),
+                }
+            )
+            for _ in range(c.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["ln_1"](x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + b["proj"](y)
+            x = x + b["fc_proj"](F.gelu(b["fc"](b["ln_2"](x))))
+        return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1), targets.flatten())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def alternate(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function, run in turn so machine noise hits all of them alike."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def windows(tokens, batch: int, ctx: int, device) -> torch.Tensor:
+    starts = torch.linspace(0, len(tokens) - ctx - 2, batch).long().tolist()
+    return torch.stack([torch.from_numpy(tokens[s : s + ctx].astype("int64")) for s in starts]).to(device)
+
+
+def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
+    rows = []
+    for ctx in (128, 256):
+        if ctx > tsa.config.block_size:
+            print(f"ctx {ctx} skipped: the checkpoints' block_size is {tsa.config.block_size}")
+            continue
+        for batch in (1, 8, 64):
+            x = windows(tokens, batch, ctx, device)
+            with torch.inference_mode():
+                rep = report(tsa.config, tsa(x, mode="hard")[2])
+                t = alternate(
+                    {"dense": lambda x=x: dense(x), "tsa_hard": lambda x=x: tsa(x, mode="hard")},
+                    repeats,
+                    device,
+                )
+            ideal = 1 / (1 - rep.flops_saved)
+            speedup = t["dense"] / t["tsa_hard"]
+            rows.append(
+                {
+                    "ctx": ctx,
+                    "batch": batch,
+                    "dense_tok_s": batch * ctx / t["dense"],
+                    "tsa_tok_s": batch * ctx / t["tsa_hard"],
+                    "speedup": speedup,
+                    "executed_skip": rep.executed_tlops_saved,
+                    "flops_saved": rep.flops_saved,
+                    "ideal_speedup": ideal,
+                    "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else float("nan"),
+                }
+            )
+    return rows
+
+
+def decode_speed(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[dict]:
+    rows = []
+    for batch in (1, 8):
+        prompts = list(windows(tokens, batch, 16, device))
+        n = min(new_tokens, tsa.config.block_size - 16)
+
+        def run(model, prompts=prompts, n=n):
+            return lambda: generate_cached(model, prompts, n, temperature=0)
+
+        t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
+        with torch.inference_mode():  # cached decisions equal the full-sequence hard forward's
+            generated = torch.stack(generate_cached(tsa, prompts, n, temperature=0))
+            executed = tsa(generated, mode="hard")[2].executed[:, 16:]
+        rows.append(
+            {
+                "batch": batch,
+                "new_tokens": n,
+                "dense_tok_s": batch * n / t["dense"],
+                "tsa_tok_s": batch * n / t["tsa"],
+                "speedup": t["dense"] / t["tsa"],
+                "executed_skip": 1 - executed.float().mean().item(),
+            }
+        )
+    return rows
+
+
+def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) -> dict:
+    torch.manual_seed(0)
+    models = {
+        "tsa": TSATransformer(tsa_config).to(device),
+        "dense_twin": TSATransformer(replace(tsa_config, routing="none")).to(device),
+        "plain_gpt": PlainGPT(tsa_config).to(device),
+    }
+    x = torch.randint(0, tsa_config.vocab_size, (batch, ctx), device=device)
+
+    def step(model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run():
+            out = model(x, x)
+            loss = out if isinstance(out, torch.Tensor) else out[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    t = alternate({name: step(m) for name, m in models.items()}, repeats, device)
+    return {
+        "batch": batch,
+        "ctx": ctx,
+        **{f"{name}_ms": 1e3 * v for name, v in t.items()},
+        "tsa_over_dense": t["tsa"] / t["dense_twin"],
+        "dense_over_plain": t["dense_twin"] / t["plain_gpt"],
+    }
+
+
+def _peak_rss(args) -> float:
+    """In a fresh process: MiB the forward adds to the RSS high-water mark after loading."""
+    path, mode, batch, ctx = args
+    torch.set_num_threads(1)
+    model = TSALanguageModel.load_from_checkpoint(path, map_location="cpu").model.eval()
+    x = torch.randint(0, model.config.vocab_size, (batch, ctx))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        model(x, mode=mode)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def peak_memory(args, device, batch: int, ctx: int) -> dict:
+    if device.type == "cuda":
+        out = {}
+        for name, path, mode in (("dense", args.dense, "soft"), ("tsa_hard", args.tsa, "hard")):
+            model = TSALanguageModel.load_from_checkpoint(path, map_location=device).model.eval()
+            x = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with torch.inference_mode():
+                model(x, mode=mode)
+            out[f"{name}_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return out
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        dense = pool.apply(_peak_rss, ((args.dense, "soft", batch, ctx),))
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        tsa = pool.apply(_peak_rss, ((args.tsa, "hard", batch, ctx),))
+    return {"dense_mib": dense, "tsa_hard_mib": tsa, "batch": batch, "ctx": ctx}
+
+
+def table(result: dict) -> str:
+    lines = [f"speed benchmark, {result['date']}, {result['machine']}", ""]
+    lines += [
+        "| ctx | batch | dense tok/s | TSA hard tok/s | speedup | executed skip | FLOPs saved | ideal "
+        "| of ideal |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    for r in result["forward"]:
+        lines.append(
+            f"| {r['ctx']} | {r['batch']} | {r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['executed_skip']:.1%} | {r['flops_saved']:.1%} | "
+            f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |"
+        )
+    lines += [
+        "",
+        "| decode batch | new tokens | dense tok/s | TSA tok/s | speedup | executed skip |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["decode"]:
+        lines.append(
+            f"| {r['batch']} | {r['new_tokens']} | {r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['executed_skip']:.1%} |"
+        )
+    t = result["train"]
+    lines += [
+        "",
+        f"training step (batch {t['batch']}, ctx {t['ctx']}): TSA {t['tsa_ms']:.1f} ms, dense twin "
+        f"{t['dense_twin_ms']:.1f} ms, plain GPT {t['plain_gpt_ms']:.1f} ms; "
+        f"TSA/dense {t['tsa_over_dense']:.3f}, dense/plain {t['dense_over_plain']:.3f}",
+        f"peak forward memory: {json.dumps(result['memory'])}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dense", required=True, help="dense twin checkpoint")
+    parser.add_argument("--tsa", required=True, help="TSA checkpoint")
+    parser.add_argument(
+        "--data_dir", default=None, help="folder with tinyshakespeare/ (default $TSA_DATA_DIR)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--new_tokens", type=int, default=112)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    args = parser.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: {args.out} exists; pass another --out")
+    device = torch.device(args.device)
+
+    def load(path):
+        return TSALanguageModel.load_from_checkpoint(path, map_location=device).model.eval()
+
+    dense, tsa = load(args.dense), load(args.tsa)
+    data = ShakespeareDataModule(data_dir=args.data_dir)
+    data.setup()
+    tokens = data.splits["test"]
+    c = tsa.config
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    result = {
+        "date": str(date.today()),
+        "machine": machine,
+        "device": device.type,
+        "shape": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "block_size": c.block_size},
+        "skip_threshold": c.skip_threshold,
+        "forward": forward_speed(dense, tsa, tokens, device, args.repeats),
+        "decode": decode_speed(dense, tsa, tokens, device, max(3, args.repeats // 2), args.new_tokens),
+        "train": train_speed(c, device, args.repeats, batch=16, ctx=min(128, c.block_size)),
+        "memory": peak_memory(args, device, batch=64, ctx=min(128, c.block_size)),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(table(result) + "\n")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
