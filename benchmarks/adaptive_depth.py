@@ -1,0 +1,242 @@
+"""Adaptive depth, measured honestly: TSA as published, our best TSA variant and fair baselines.
+
+Trains on Tiny Shakespeare (same data, trainer and recipe for every model) and evaluates on the
+test split in hard mode, sweeping each model's threshold:
+- dense twin (6 blocks) and smaller dense models (2 and 3 blocks): the "just use a smaller
+  model" control at matched executed FLOPs;
+- TSA as published (soft gate, no depth loss), hard-skipped at threshold 0.5;
+- TSA best variant (straight-through hard gate + depth loss; see README);
+- early exit (tied exit heads, mean loss over exits, max-softmax confidence);
+- Mixture-of-Depths (top-k capacity on every block, causal predictor at inference);
+- the control row "TSA router at initialisation": the paper's metric before any training.
+Every trained model runs with each seed. Writes JSON, a markdown table (mean and spread over
+seeds) and the bpc-vs-executed-FLOPs plot.
+
+    python benchmarks/adaptive_depth.py                      # CPU shape, about an hour on 2 cores
+    python benchmarks/adaptive_depth.py --shape paper        # the paper's shape (a GPU run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from tsa_lightning.data import ShakespeareDataModule
+from tsa_lightning.evaluation import plot_curves, score, sweep
+from tsa_lightning.module import TSALanguageModel
+
+SHAPES = {
+    "cpu": {
+        "model": {"n_layer": 6, "n_head": 4, "n_embd": 128, "dropout": 0.0},
+        "data": {"block_size": 256, "batch_size": 8},
+        "steps": 1500,
+        "learning_rate": 2e-3,
+    },
+    "paper": {
+        "model": {"n_layer": 6, "n_head": 8, "n_embd": 256, "dropout": 0.1},
+        "data": {"block_size": 128, "batch_size": 64},
+        "steps": 5000,
+        "learning_rate": 1e-3,
+    },
+}
+
+# name -> model overrides; the hard-mode threshold each is reported at comes from its config
+VARIANTS = {
+    "dense": {"routing": "none"},
+    "dense_3_blocks": {"routing": "none", "n_layer": 3},
+    "dense_2_blocks": {"routing": "none", "n_layer": 2},
+    "tsa_published": {"routing": "tsa", "gate": "soft", "depth_loss_weight": 0.0},
+    "tsa_best": {"routing": "tsa", "gate": "straight_through", "depth_loss_weight": 0.05},
+    "early_exit": {"routing": "early_exit", "skip_threshold": 0.9},
+    "mod": {"routing": "mod", "mod_capacity": 0.25, "mod_every": 1},
+}
+THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, 1.01]
+
+
+def train(
+    name: str, overrides: dict, shape: dict, seed: int, data_dir: str | None, out: Path
+) -> TSALanguageModel:
+    L.seed_everything(seed, verbose=False)
+    data = ShakespeareDataModule(data_dir=data_dir, seed=seed, **shape["data"])
+    depth_loss = overrides.get("depth_loss_weight", 0.0)
+    model_args = {k: v for k, v in overrides.items() if k != "depth_loss_weight"}
+    model = TSALanguageModel(
+        vocab_size=data.vocab_size,
+        alphabet=data.alphabet,
+        block_size=shape["data"]["block_size"],
+        learning_rate=shape["learning_rate"],
+        min_learning_rate=shape["learning_rate"] / 10,
+        warmup_steps=100,
+        depth_loss_weight=depth_loss,
+        **{**shape["model"], **model_args},
+    )
+    trainer = L.Trainer(
+        max_steps=shape["steps"],
+        logger=L.pytorch.loggers.TensorBoardLogger(out / "tensorboard", name=f"{name}_seed{seed}"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        callbacks=[],
+    )
+    trainer.fit(model, data)
+    trainer.save_checkpoint(out / "checkpoints" / f"{name}_seed{seed}.ckpt")
+    return model
+
+
+def at_threshold(curve: dict, threshold: float) -> dict:
+    return next(p for p in curve["points"] if abs(p["threshold"] - threshold) < 1e-9)
+
+
+def interpolate(points: list[dict], flops: float) -> float | None:
+    """bpc of a curve at an executed-FLOPs fraction, linear between measured points."""
+    xs = sorted((1 - p["flops_saved"], p["bpc"]) for p in points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(xs):
+        if x0 <= flops <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (flops - x0) / (x1 - x0)
+    return None
+
+
+def summarize_runs(rows: list[dict]) -> dict:
+    out = {}
+    for key in ("bpc", "executed_tlops_saved", "flops_saved", "paper_tlops_saved"):
+        values = [r[key] for r in rows]
+        out[key] = {"mean": statistics.mean(values), "spread": max(values) - min(values), "values": values}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=None, help="override the shape's training steps")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--data_dir", default=None, help="folder with tinyshakespeare/ (default $TSA_DATA_DIR)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive_depth"))
+    args = parser.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: {args.out} exists; pass another --out so earlier results are kept")
+    shape = {**SHAPES[args.shape], **({"steps": args.steps} if args.steps else {})}
+    torch.manual_seed(0)
+    data = ShakespeareDataModule(data_dir=args.data_dir, **shape["data"])
+    data.setup()
+    test = data.test_dataloader()
+    started = time.time()
+
+    results: dict = {"date": str(date.today()), "shape": shape, "seeds": args.seeds, "runs": {}}
+    # the control: an untrained TSA router scored by the paper's formula
+    init = TSALanguageModel(vocab_size=65, block_size=shape["data"]["block_size"], **shape["model"]).model
+    control = score(init, test, "hard")
+    results["runs"]["tsa_router_at_init"] = [
+        {"seed": 0, "bpc": control["bpc"], "executed_tlops_saved": control["executed_tlops_saved"],
+         "flops_saved": control["flops_saved"], "paper_tlops_saved": control["paper_tlops_saved"]}
+    ]  # fmt: skip
+    curves = {}
+    for name in args.variants:
+        results["runs"][name] = []
+        for seed in args.seeds:
+            t0 = time.time()
+            model = train(name, VARIANTS[name], shape, seed, args.data_dir, args.out).model
+            train_s = time.time() - t0
+            routed = model.config.routing != "none"
+            curve = sweep(model, test, THRESHOLDS if routed else [1.0])
+            point = at_threshold(curve, model.config.skip_threshold if routed else 1.0)
+            results["runs"][name].append({"seed": seed, "train_seconds": train_s, **point, "curve": curve})
+            curves[f"{name} (seed {seed})"] = curve["points"]
+            bpc, saved, flops = point["bpc"], point["executed_tlops_saved"], point["flops_saved"]
+            print(
+                f"{name} seed {seed}: bpc {bpc:.4f}, executed saved {saved:.1%}, FLOPs saved {flops:.1%}",
+                flush=True,
+            )
+
+    summary = {name: summarize_runs(rows) for name, rows in results["runs"].items()}
+    results["summary"] = summary
+    results["comparisons"] = compare(results)
+    results["wall_seconds"] = time.time() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    text = table(results)
+    (args.out / "results.md").write_text(text)
+    dense_points = [
+        {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
+        for n in ("dense_2_blocks", "dense_3_blocks", "dense")
+        if n in summary
+    ]
+    mean_curves = {k: v for k, v in curves.items() if "seed 0" in k and not k.startswith("dense")}
+    if dense_points:
+        mean_curves["dense 2/3/6 blocks"] = dense_points
+    plot_curves(mean_curves, args.out / "curves.png", title=f"Tiny Shakespeare test, {args.shape} shape")
+    print(text)
+
+
+def compare(results: dict) -> dict:
+    """The targets: TSA best vs dense twin, and vs every baseline at TSA best's executed FLOPs."""
+    runs, summary = results["runs"], results["summary"]
+    if "tsa_best" not in runs or "dense" not in runs:
+        return {}
+    best, dense = summary["tsa_best"], summary["dense"]
+    flops = 1 - best["flops_saved"]["mean"]
+    out = {
+        "tsa_best_executed_tlops_saved": best["executed_tlops_saved"]["mean"],
+        "tsa_best_bpc_vs_dense_relative": best["bpc"]["mean"] / dense["bpc"]["mean"] - 1,
+        "at_flops_fraction": flops,
+        "tsa_best_bpc": best["bpc"]["mean"],
+    }
+    for name in ("early_exit", "mod", "tsa_published"):
+        if name in runs:
+            values = [interpolate(r["curve"]["points"], flops) for r in runs[name]]
+            values = [v for v in values if v is not None]
+            out[f"{name}_bpc_at_equal_flops"] = statistics.mean(values) if values else None
+    small = [
+        {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
+        for n in ("dense_2_blocks", "dense_3_blocks", "dense")
+        if n in summary
+    ]
+    out["smaller_dense_bpc_at_equal_flops"] = interpolate(small, flops)
+    return out
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"Tiny Shakespeare test split, hard mode, {results['date']}; "
+        f"mean (spread) over seeds {results['seeds']}",
+        "",
+        "| model | test bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in results["summary"].items():
+        cells = [f"{s[k]['mean']:.4f} ({s[k]['spread']:.4f})" for k in ("bpc",)]
+        cells += [
+            f"{s[k]['mean']:.1%} ({s[k]['spread']:.1%})" for k in ("executed_tlops_saved", "flops_saved")
+        ]
+        cells += [f"{s['paper_tlops_saved']['mean']:.1%}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    c = results["comparisons"]
+    if c:
+        lines += ["", f"At TSA best's executed FLOPs ({c['at_flops_fraction']:.1%} of dense), bpc:"]
+        for key, value in c.items():
+            if key.endswith("at_equal_flops"):
+                lines.append(
+                    f"- {key.replace('_bpc_at_equal_flops', '')}: {value:.4f}" if value else f"- {key}: n/a"
+                )
+        lines.append(
+            f"- tsa_best: {c['tsa_best_bpc']:.4f} (vs dense twin {c['tsa_best_bpc_vs_dense_relative']:+.2%})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
