@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 from itertools import islice
 from pathlib import Path
 
@@ -64,6 +65,19 @@ class TSALightningCLI(LightningCLI):
                 config.checkpoint.dirpath = str(
                     Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
                 )
+
+    def after_instantiate_classes(self) -> None:
+        """A checkpoint path that names no file fails here, in one line, before any work starts."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if (
+            ckpt_path
+            and ckpt_path not in ("last", "best", "hpc", "registry")
+            and not Path(ckpt_path).is_file()
+        ):
+            raise SystemExit(
+                f"error: checkpoint {ckpt_path} does not exist; give the path of a .ckpt file "
+                "(runs/<name>/checkpoints/) or `last` to resume the latest run"
+            )
 
     def before_fit(self) -> None:
         """Never let a fresh run overwrite an earlier run's checkpoints."""
@@ -164,9 +178,15 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=1337,
+            parser_kwargs={"exit_on_error": False},
             args=args,
         )
-    except (CorpusError, ValueError) as e:
+    except ArgumentError as e:  # an unknown key or a wrong type, from the command line or a config file
+        if os.environ.get("TSA_TRACEBACK"):
+            raise
+        command = argv[0] if argv else "fit"
+        sys.exit(f"error: {' '.join(str(e).split())} (see `tsa-lightning {command} --help` for the options)")
+    except (CorpusError, ValueError, FloatingPointError) as e:
         if os.environ.get("TSA_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")

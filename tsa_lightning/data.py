@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -116,12 +117,22 @@ class RandomWindowSampler(DistributedSampler):
     """Random window starts: one draw per (seed, epoch) for all ranks, dealt out rank by rank.
 
     Being a DistributedSampler, Lightning neither replaces it under DDP nor forgets set_epoch.
+    `consumed()` tells how many batches of this epoch a resumed run already trained on; they are
+    skipped, so a run killed mid-epoch continues the very stream an uninterrupted run sees.
     """
 
-    def __init__(self, dataset: WindowDataset, samples_per_rank: int, seed: int, rank: int, world_size: int):
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        samples_per_rank: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batch_size: int = 1,
+        consumed: Callable[[], int] = lambda: 0,
+    ) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, seed=seed)
-        self.samples_per_rank = samples_per_rank
-        self.skip = 0  # samples of the current epoch already consumed (set when resuming mid-epoch)
+        self.samples_per_rank, self.batch_size, self.consumed = samples_per_rank, batch_size, consumed
 
     def starts(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -129,10 +140,10 @@ class RandomWindowSampler(DistributedSampler):
         return draws[self.rank :: self.num_replicas]
 
     def __iter__(self):
-        return iter(self.starts()[self.skip :].tolist())
+        return iter(self.starts()[self.consumed() * self.batch_size :].tolist())
 
     def __len__(self) -> int:
-        return self.samples_per_rank - self.skip
+        return self.samples_per_rank  # the whole epoch, also when resuming: Lightning counts on from there
 
 
 class ShardSampler(DistributedSampler):
@@ -335,8 +346,16 @@ class TextDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         total = self.samples_per_epoch or max(1, len(self.splits["train"]) // self.block_size)
         per_rank = max(self.batch_size, total // world)
-        sampler = RandomWindowSampler(dataset, per_rank, self.seed, rank, world)
+        sampler = RandomWindowSampler(
+            dataset, per_rank, self.seed, rank, world, self.batch_size, self._consumed
+        )
         return self._loader(dataset, sampler, drop_last=True)
+
+    def _consumed(self) -> int:
+        """Batches of the current epoch trained before a resume (0 when an epoch starts normally)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -140,6 +140,12 @@ class TSALanguageModel(L.LightningModule):
                 self.log("train/keep", keep)
             would_skip = (routing.halt_probs > self.config.skip_threshold).float().mean()
             self.log("train/skip", would_skip, prog_bar=True)
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"training loss became {total.item()} at step {self.global_step}; stopped before it could "
+                "reach a checkpoint (the last good one is kept). Lower learning_rate, raise warmup_steps or "
+                "set trainer.gradient_clip_val, then resume with --ckpt_path last"
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpc", loss / math.log(2), prog_bar=True)
         return {
@@ -183,6 +189,40 @@ class TSALanguageModel(L.LightningModule):
         self.log(f"{stage}/tlops_saved_executed", report.executed_tlops_saved, prog_bar=True)
         self.log(f"{stage}/flops_saved", report.flops_saved)
         self.eval_compute.reset()
+
+    ARCHITECTURE = (
+        "vocab_size",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "ffn_hidden",
+        "bias",
+        "routing",
+    )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, in one line, a checkpoint whose network differs from the one configured."""
+        saved = checkpoint.get("hyper_parameters", {})
+        mismatched = [
+            f"{key}={saved[key]!r} (this run: {self.hparams[key]!r})"
+            for key in self.ARCHITECTURE
+            if key in saved and saved[key] != self.hparams[key]
+        ]
+        if mismatched:
+            raise ValueError(
+                "the checkpoint was trained with a different model: "
+                + ", ".join(mismatched)
+                + "; use the run's own config.yaml (and the same data) with this checkpoint"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint with NaN or infinite weights would overwrite the last good one: refuse it."""
+        broken = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise FloatingPointError(
+                f"weights became non-finite ({', '.join(broken[:3])}); checkpoint not written"
+            )
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,0 +1,134 @@
+"""Bad input ends in one line that names the problem and the fix; broken training never eats a checkpoint."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.conftest import REPO, write_corpus
+from tsa_lightning.cli import main
+from tsa_lightning.data import TextDataModule
+from tsa_lightning.module import TSALanguageModel
+
+CPU_CONFIG = str(REPO / "configs" / "shakespeare_cpu.yaml")
+TINY_MODEL = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=16"]
+
+
+def cli_error(*args: str) -> str:
+    """The message the user sees when the command line refuses to run."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def fit_on(path, tmp_path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        f"--config={CPU_CONFIG}",
+        "--data=tsa_lightning.data.TextDataModule",
+        f"--data.init_args.path={path}",
+        "--data.init_args.block_size=32",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.max_steps=2",
+        *TINY_MODEL,
+        *extra,
+    ]
+
+
+def test_unknown_config_key(small_corpus, tmp_path):
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.n_embdd=32"))
+    assert "n_embdd" in message and "--help" in message
+
+
+def test_unknown_key_in_a_config_file(small_corpus, tmp_path):
+    config = tmp_path / "extra.yaml"
+    config.write_text("model:\n  learning_rat: 0.1\n")
+    message = cli_error(*fit_on(small_corpus, tmp_path, f"--config={config}"))
+    assert "learning_rat" in message
+
+
+def test_wrong_type(small_corpus, tmp_path):
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.n_layer=many"))
+    assert "model.n_layer" in message and "int" in message
+
+
+def test_n_embd_not_divisible_by_n_head(small_corpus, tmp_path):
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.n_embd=30", "--model.n_head=4"))
+    assert "n_embd (30) must be divisible by" in message and "n_head (4)" in message
+
+
+def test_block_size_larger_than_a_split(small_corpus, tmp_path):
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--data.init_args.block_size=4000"))
+    assert "block_size 4000" in message and "lower block_size" in message
+
+
+def test_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in cli_error(*fit_on(empty, tmp_path, "--data.init_args.level=byte"))
+
+
+def test_checksum_mismatch(small_corpus, tmp_path):
+    before = small_corpus.read_bytes()
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--data.init_args.sha256=" + "0" * 64))
+    assert "sha256" in message and "left untouched" in message
+    assert small_corpus.read_bytes() == before
+
+
+def test_missing_corpus_offline(tmp_path):
+    missing = tmp_path / "nowhere" / "input.txt"
+    message = cli_error(*fit_on(missing, tmp_path, "--data.init_args.url=http://127.0.0.1:9/input.txt"))
+    assert str(missing) in message and "TSA_DATA_DIR" in message and "http://127.0.0.1:9/input.txt" in message
+
+
+def test_undecodable_bytes_in_a_character_corpus(tmp_path):
+    broken = tmp_path / "latin1.txt"
+    broken.write_bytes("caf\xe9 ".encode("latin-1") * 2000)
+    message = cli_error(*fit_on(broken, tmp_path))
+    assert "not valid UTF-8" in message and "level='byte'" in message
+
+
+def test_checkpoint_path_that_does_not_exist(small_corpus, tmp_path):
+    message = cli_error(*fit_on(small_corpus, tmp_path, f"--ckpt_path={tmp_path / 'nope.ckpt'}"))
+    assert "nope.ckpt does not exist" in message
+
+
+def test_checkpoint_from_an_incompatible_config(small_corpus, tmp_path):
+    """A checkpoint trained on one alphabet, resumed on a corpus with another vocabulary."""
+    main([*fit_on(small_corpus, tmp_path), "--trainer.enable_progress_bar=false"])
+    checkpoint = next((tmp_path / "runs").glob("*/checkpoints/last.ckpt"))
+    other = write_corpus(tmp_path / "other.txt", alphabet="xyz\n")
+    message = cli_error(*fit_on(other, tmp_path, f"--ckpt_path={checkpoint}"))
+    assert "vocab_size=10" in message and "this run: 4" in message
+
+
+class PoisonAt(L.Callback):
+    """Makes one weight NaN before step `step`: the next loss is non-finite."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.wte.weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path):
+    data = TextDataModule(str(small_corpus), block_size=16, batch_size=4, samples_per_epoch=400)
+    model = TSALanguageModel(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
+    trainer = L.Trainer(
+        max_steps=20,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[checkpoints, PoisonAt(step=5)],
+    )
+    with pytest.raises(FloatingPointError, match="training loss became nan at step 5"):
+        trainer.fit(model, data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
