@@ -1,0 +1,128 @@
+"""Scale out and never lose work: DDP equals one process, and a SIGKILLed run resumes exactly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import REPO
+from tests.test_cli import cli
+from tsa_lightning.data import ContiguousWindows, TextDataModule
+from tsa_lightning.module import TSALanguageModel
+
+TINY = ["--model.n_layer=3", "--model.n_head=2", "--model.n_embd=16", "--model.dropout=0.0"]
+
+
+def fit(corpus, strategy: str, devices: int, batch_size: int) -> dict:
+    L.seed_everything(0, verbose=False)
+    data = TextDataModule(str(corpus), block_size=16, batch_size=batch_size, samples_per_epoch=128)
+    model = TSALanguageModel(
+        vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy=strategy,
+        devices=devices,
+        max_steps=6,
+        val_check_interval=6,
+        check_val_every_n_epoch=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_ddp_spawn_equals_one_process_with_the_same_global_batch(small_corpus):
+    single = fit(small_corpus, "auto", 1, batch_size=8)
+    ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4)
+    for key in ("val/soft/loss", "val/hard/loss", "val/tlops_saved_executed", "val/tlops_saved_paper"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-4), key  # tolerance: float reduction order
+
+
+def scalars(folder, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_ddp_through_the_real_cli(small_corpus, tmp_path):
+    result = cli(
+        "fit",
+        f"--config={REPO / 'configs' / 'shakespeare_cpu.yaml'}",
+        "--data=tsa_lightning.data.TextDataModule",
+        f"--data.init_args.path={small_corpus}",
+        "--data.init_args.block_size=16",
+        "--data.init_args.batch_size=4",
+        *TINY,
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger.init_args.name=ddp",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]  # rank 0 alone writes
+    assert (run / "version_0" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    events = EventAccumulator(str(run / "version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    data = TextDataModule(str(small_corpus), block_size=16)
+    data.setup()
+    every_val_token = len(ContiguousWindows(data.splits["val"], 16)) * 16
+    assert events.Histograms("halting/val/router_0")[-1].histogram_value.num == every_val_token  # both ranks
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path):
+    args = [
+        "fit",
+        f"--config={REPO / 'configs' / 'shakespeare_cpu.yaml'}",
+        "--data=tsa_lightning.data.TextDataModule",
+        f"--data.init_args.path={small_corpus}",
+        "--data.init_args.block_size=16",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.samples_per_epoch=96",  # 12 batches an epoch: the kill lands mid-epoch
+        *TINY,
+        "--trainer.max_steps=40",
+        "--trainer.limit_val_batches=0",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--checkpoint.every_n_train_steps=5",
+        "--checkpoint.monitor=null",  # a monitored metric defers saving to validation, and there is none
+    ]
+    full = cli(*args, "--trainer.logger.init_args.name=full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.ckpt"
+    victim = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), *args, "--trainer.logger.init_args.name=killed"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not last.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL and last.exists()
+
+    resumed = cli(*args, "--trainer.logger.init_args.name=killed", "--ckpt_path=last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = scalars(tmp_path / "runs" / "full" / "version_0", "train/loss")
+    continued = scalars(tmp_path / "runs" / "killed" / "version_1", "train/loss")
+    assert min(continued) < 40 and max(continued) == max(expected)  # resumed mid-run and ran to the end
+    assert len(continued) >= 10
+    for step, value in continued.items():
+        assert value == pytest.approx(expected[step], abs=1e-5), step
+    assert (tmp_path / "runs" / "killed" / "version_0").is_dir()  # the killed run's logs are kept
