@@ -221,3 +221,33 @@ def test_bad_forward_inputs():
         model(tokens(), mode="fast")
     with pytest.raises(ValueError, match="block_size"):
         model(tokens(T=17))
+
+
+def test_hard_mode_does_no_work_for_skipped_tokens():
+    """Count the rows each block's query, FFN and output projection see: exactly the kept tokens."""
+    model = make()
+    spread_routers(model)
+    rows: dict[str, int] = {}
+
+    def counter(name):
+        def hook(module, inputs, output):
+            rows[name] = rows.get(name, 0) + inputs[0].numel() // inputs[0].size(-1)
+
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        for part in ("query", "proj"):
+            getattr(block.attn, part).register_forward_hook(counter(f"{i}.attn.{part}"))
+        block.mlp.register_forward_hook(counter(f"{i}.mlp"))
+        block.attn.key_value.register_forward_hook(counter(f"{i}.attn.key_value"))
+    idx = tokens()
+    executed = model(idx, mode="hard")[2].executed
+    for i in range(TINY["n_layer"]):
+        kept = int(executed[..., i].sum())
+        for part in ("attn.query", "attn.proj", "mlp"):
+            assert rows.get(f"{i}.{part}", 0) == kept, (i, part)
+        if kept:  # keys and values of every position, for the tokens that attend to them
+            assert rows[f"{i}.attn.key_value"] == idx.numel()
+    rows.clear()
+    model(idx, mode="hard", threshold=0.0)  # every token skips every routed block
+    assert set(rows) == {"0.attn.query", "0.attn.proj", "0.mlp", "0.attn.key_value"}

@@ -66,6 +66,8 @@ class TSALanguageModel(L.LightningModule):
     then cosine decay to min_lr by step, and the paper's optional depth loss
     `depth_loss_weight * mean(1 - p)`, which pushes routers towards skipping.
     `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
+    `compile` runs the training forward (dense, masked: no data-dependent shapes) through
+    torch.compile; evaluation and the sparse hard mode stay eager.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class TSALanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         alphabet: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +123,8 @@ class TSALanguageModel(L.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({mode: LossMetrics() for mode in MODES})
         self.eval_compute = ComputeMetric(self.config)
         self.compute_reports: dict[str, ComputeReport] = {}  # the last validation's and test's
+        # a compiled function, not a module: the state dict keeps one copy of the weights
+        self.train_forward = torch.compile(self.model.forward) if compile else self.model.forward
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -131,7 +136,7 @@ class TSALanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
-        _, loss, routing = self.model(x, y)
+        _, loss, routing = self.train_forward(x, y)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
         if routing.halt_probs is not None:
             if self.config.routing == "tsa":

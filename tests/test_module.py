@@ -1,0 +1,41 @@
+import math
+
+import pytest
+import torch
+
+from tests.test_model import tokens
+from tsa_lightning.module import TSALanguageModel
+
+TINY = {"vocab_size": 11, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+
+
+def test_compiled_training_forward_matches_eager():
+    torch.manual_seed(0)
+    module = TSALanguageModel(**TINY, gate="straight_through", compile=True)
+    idx = tokens()
+    compiled = module.train_forward(idx, idx)
+    eager = module.model(idx, idx)
+    torch.testing.assert_close(compiled[1], eager[1])
+    torch.testing.assert_close(compiled[2].halt_probs, eager[2].halt_probs)
+    assert set(module.state_dict()) == set(TSALanguageModel(**TINY).state_dict())  # one copy of the weights
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    module = TSALanguageModel(**TINY, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10)
+    module.trainer = type("T", (), {"max_steps": 110})()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(120):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+def test_alphabet_must_match_vocab_size():
+    with pytest.raises(ValueError, match="alphabet has 3 characters but vocab_size is 11"):
+        TSALanguageModel(**TINY, alphabet="abc")
