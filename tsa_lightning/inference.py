@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tsa_lightning.model import Block, TSATransformer, scale_update
+from tsa_lightning.model import Block, TSATransformer, sample_next, scale_update
 
 
 class KVCache:
@@ -76,16 +76,6 @@ def decode_step(
     return model.lm_head(model.ln_f(x))[:, 0], torch.stack(executed, dim=-1)
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
-
-
 @torch.no_grad()
 def generate_cached(
     model: TSATransformer,
@@ -121,7 +111,7 @@ def generate_cached(
         logits, _ = decode_step(model, cache, padded[:, t], t, start, threshold)
     generated = []
     for t in range(T0, total):
-        token = _sample(logits, temperature, top_k)
+        token = sample_next(logits, temperature, top_k)
         generated.append(token)
         if t + 1 < total:
             logits, _ = decode_step(model, cache, token, t, start, threshold)

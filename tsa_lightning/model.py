@@ -26,6 +26,8 @@ Mode = Literal["soft", "hard"]
 
 @dataclass
 class TSAConfig:
+    """The network (nanoGPT's names) and its routing; invalid values raise ValueError naming the field."""
+
     vocab_size: int = 65
     block_size: int = 128
     n_layer: int = 6
@@ -321,14 +323,16 @@ class TSATransformer(nn.Module):
         """Sample by full recomputation over the last block_size tokens; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
             logits, _, _ = self(idx[:, -self.config.block_size :], mode=mode)
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                next_idx = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                next_idx = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_idx), dim=1)
+            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)[:, None]), dim=1)
         return idx
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """One token id per row of next-token logits (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)[:, 0]
