@@ -144,6 +144,8 @@ def test_folder_corpus_concatenates_files_in_name_order(tmp_path):
     dm = TextDataModule(str(tmp_path), level="byte", block_size=8)
     dm.setup()
     assert bytes(dm._tokens()[:6]) == b"hello\n" and bytes(dm._tokens()[-6:]) == b"world\n"
+    with pytest.raises(CorpusError, match="single file"):
+        TextDataModule(str(tmp_path), level="byte", block_size=8, sha256="0" * 64).setup()
 
 
 @pytest.mark.parametrize(

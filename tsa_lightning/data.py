@@ -316,6 +316,8 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        if self.sha256 is not None and self.path.is_dir():
+            raise CorpusError(f"sha256 checks a single file, but {self.path} is a folder; pass sha256=null")
         for path in self._files():
             self._verify(path)
         tokens = self._tokens()
