@@ -45,17 +45,18 @@ class HaltingHistograms(L.Callback):
         writer = _tensorboard(trainer)
         if writer is None or trainer.global_rank != 0:
             return
-        limits = torch.linspace(0, 1, self.bins + 1)[1:].tolist()
+        edges = torch.linspace(0, 1, self.bins + 1)
         for i, row in enumerate(stats.cpu()):
             counts, (num, total, squares) = row[: self.bins], row[self.bins :].tolist()
+            filled = counts.nonzero().flatten()  # min and max to the resolution of the bins
             writer.add_histogram_raw(
                 f"halting/{stage}/router_{i}",
-                min=0.0,
-                max=1.0,
+                min=edges[filled[0]].item(),
+                max=edges[filled[-1] + 1].item(),
                 num=int(num),
                 sum=total,
                 sum_squares=squares,
-                bucket_limits=limits,
+                bucket_limits=edges[1:].tolist(),
                 bucket_counts=counts.tolist(),
                 global_step=trainer.global_step,
             )
