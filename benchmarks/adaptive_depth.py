@@ -55,9 +55,21 @@ VARIANTS = {
     "dense_2_blocks": {"routing": "none", "n_layer": 2},
     "tsa_published": {"routing": "tsa", "gate": "soft", "depth_loss_weight": 0.0},
     "tsa_best": {"routing": "tsa", "gate": "straight_through", "depth_loss_weight": 0.05},
+    # the depth-loss sweep around tsa_best (run with --variants)
+    "tsa_st_lambda_0.01": {"routing": "tsa", "gate": "straight_through", "depth_loss_weight": 0.01},
+    "tsa_st_lambda_0.02": {"routing": "tsa", "gate": "straight_through", "depth_loss_weight": 0.02},
     "early_exit": {"routing": "early_exit", "skip_threshold": 0.9},
     "mod": {"routing": "mod", "mod_capacity": 0.25, "mod_every": 1},
 }
+DEFAULT_VARIANTS = [
+    "dense",
+    "dense_3_blocks",
+    "dense_2_blocks",
+    "tsa_published",
+    "tsa_best",
+    "early_exit",
+    "mod",
+]
 THRESHOLDS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95, 0.99, 1.01]
 EVAL_BATCH = 64  # windows per evaluation batch: the split is walked once per threshold
 
@@ -122,7 +134,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=None, help="override the shape's training steps")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument(
         "--data_dir", default=None, help="folder with tinyshakespeare/ (default $TSA_DATA_DIR)"
     )
