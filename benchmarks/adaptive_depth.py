@@ -29,8 +29,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.data import ShakespeareDataModule
 from tsa_lightning.evaluation import plot_curves, score, sweep
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 SHAPES = {
@@ -139,9 +141,18 @@ def main() -> None:
         "--data_dir", default=None, help="folder with tinyshakespeare/ (default $TSA_DATA_DIR)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive_depth"))
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="no training: merge these result folders' runs into --out"
+    )
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists; pass another --out so earlier results are kept")
+    if args.merge:
+        merged = [json.loads((folder / "results.json").read_text()) for folder in args.merge]
+        results = {**merged[0], "runs": {k: v for r in merged for k, v in r["runs"].items()}}
+        results["merged_from"] = [str(folder) for folder in args.merge]
+        finish(results, args.out, args.shape)
+        return
     shape = {**SHAPES[args.shape], **({"steps": args.steps} if args.steps else {})}
     torch.manual_seed(0)
     data = ShakespeareDataModule(
@@ -159,7 +170,6 @@ def main() -> None:
         {"seed": 0, "bpc": control["bpc"], "executed_tlops_saved": control["executed_tlops_saved"],
          "flops_saved": control["flops_saved"], "paper_tlops_saved": control["paper_tlops_saved"]}
     ]  # fmt: skip
-    curves = {}
     for name in args.variants:
         results["runs"][name] = []
         for seed in args.seeds:
@@ -170,30 +180,57 @@ def main() -> None:
             curve = sweep(model, test, THRESHOLDS if routed else [1.0])
             point = at_threshold(curve, model.config.skip_threshold if routed else 1.0)
             results["runs"][name].append({"seed": seed, "train_seconds": train_s, **point, "curve": curve})
-            curves[f"{name} (seed {seed})"] = curve["points"]
             bpc, saved, flops = point["bpc"], point["executed_tlops_saved"], point["flops_saved"]
             print(
                 f"{name} seed {seed}: bpc {bpc:.4f}, executed saved {saved:.1%}, FLOPs saved {flops:.1%}",
                 flush=True,
             )
 
-    summary = {name: summarize_runs(rows) for name, rows in results["runs"].items()}
-    results["summary"] = summary
-    results["comparisons"] = compare(results)
     results["wall_seconds"] = time.time() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    finish(results, args.out, args.shape)
+
+
+def full_dense_fraction(shape: dict, name: str) -> float:
+    """A smaller dense model's FLOPs as a fraction of the full-depth dense twin's."""
+    n_layer = VARIANTS.get(name, {}).get("n_layer", shape["model"]["n_layer"])
+    base = {"vocab_size": 65, "block_size": shape["data"]["block_size"], "routing": "none"}
+    full, small = (
+        TSAConfig(**{**base, **shape["model"], "n_layer": n}) for n in (shape["model"]["n_layer"], n_layer)
+    )
+    T = shape["data"]["block_size"]
+    return dense_twin_flops(small, 1, T) / dense_twin_flops(full, 1, T)
+
+
+def finish(results: dict, out: Path, shape_name: str) -> None:
+    """Summary, comparisons, JSON, markdown and plot; FLOPs relative to the full-depth dense twin."""
+    if not results.get("flops_relative_to_full_dense"):
+        for name, rows in results["runs"].items():
+            factor = full_dense_fraction(results["shape"], name)
+            for row in rows:
+                for point in [row, *row.get("curve", {}).get("points", [])]:
+                    point["flops_saved"] = 1 - (1 - point["flops_saved"]) * factor
+        results["flops_relative_to_full_dense"] = True
+    summary = results["summary"] = {name: summarize_runs(rows) for name, rows in results["runs"].items()}
+    results["comparisons"] = compare(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     text = table(results)
-    (args.out / "results.md").write_text(text)
-    dense_points = [
-        {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
-        for n in ("dense_2_blocks", "dense_3_blocks", "dense")
-        if n in summary
-    ]
-    mean_curves = {k: v for k, v in curves.items() if "seed 0" in k and not k.startswith("dense")}
-    if dense_points:
-        mean_curves["dense 2/3/6 blocks"] = dense_points
-    plot_curves(mean_curves, args.out / "curves.png", title=f"Tiny Shakespeare test, {args.shape} shape")
+    (out / "results.md").write_text(text)
+    curves = {
+        f"{name} (seed {row['seed']})": row["curve"]["points"]
+        for name, rows in results["runs"].items()
+        for row in rows[:1]
+        if "curve" in row and not name.startswith("dense")
+    }
+    curves["dense 2/3/6 blocks"] = sorted(
+        (
+            {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
+            for n in ("dense_2_blocks", "dense_3_blocks", "dense")
+            if n in summary
+        ),
+        key=lambda p: -p["flops_saved"],
+    )
+    plot_curves(curves, out / "curves.png", title=f"Tiny Shakespeare test, {shape_name} shape")
     print(text)
 
 
