@@ -16,39 +16,30 @@ from tsa_lightning.model import Block, TSATransformer, sample_next, scale_update
 
 
 class KVCache:
-    """Keys and values of every block for every position so far: (L, B, H, max_len, head_dim) each."""
+    """Keys and values of every block for every position so far: (L, B, 2, H, max_len, head_dim)."""
 
     def __init__(self, model: TSATransformer, batch: int, max_len: int, like: Tensor) -> None:
         c = model.config
-        shape = (c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head)
-        self.k = like.new_zeros(shape)
-        self.v = like.new_zeros(shape)
+        self.kv = like.new_zeros(c.n_layer, batch, 2, c.n_head, max_len, c.n_embd // c.n_head)
 
 
 def _block_step(
-    block: Block,
-    x: Tensor,
-    keep: Tensor | None,
-    kept: Tensor | None,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    t: int,
-    mask: Tensor,
+    block: Block, x: Tensor, keep: Tensor | None, kept: Tensor | None, cache: Tensor, t: int, mask: Tensor
 ) -> Tensor:
     """One position of one block for the whole batch; rows with kept False only write keys/values."""
     attn = block.attn
     a = block.ln_1(x)
-    k, v = (attn.split_heads(u) for u in attn.key_value(a).chunk(2, dim=-1))
-    k_cache[:, :, t], v_cache[:, :, t] = k[:, :, 0], v[:, :, 0]
-    rows = None if kept is None or kept.all() else kept[:, 0].nonzero().squeeze(1)
-    if rows is not None and rows.numel() == 0:
+    B, _, C = x.shape
+    cache[:, :, :, t] = attn.key_value(a).view(B, 2, attn.n_head, C // attn.n_head)  # one write for k and v
+    running = B if kept is None else int(kept.sum())
+    if running == 0:
         return x  # nobody runs this block: the projections above were all it cost
+    rows = None if running == B else kept[:, 0].nonzero().squeeze(1)
     pick = slice(None) if rows is None else rows
     w = None if keep is None else keep[pick]
     q = attn.split_heads(attn.query(a[pick]))
-    y = F.scaled_dot_product_attention(
-        q, k_cache[pick, :, : t + 1], v_cache[pick, :, : t + 1], attn_mask=mask[pick]
-    )
+    kv = cache[pick, :, :, : t + 1]
+    y = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask[pick])
     h = x[pick] + scale_update(attn.proj(attn.merge_heads(y)), w)
     h = h + scale_update(block.mlp(block.ln_2(h)), w)
     if rows is None:
@@ -68,10 +59,10 @@ def decode_step(
     mask = ((positions >= start[:, None]) | (positions == t))[:, None, None, :]
     x = model.wte(token)[:, None] + model.wpe((t - start).clamp(min=0))[:, None]
     executed = [torch.ones(B, dtype=torch.bool, device=token.device)]
-    x = _block_step(model.blocks[0], x, None, None, cache.k[0], cache.v[0], t, mask)
+    x = _block_step(model.blocks[0], x, None, None, cache.kv[0], t, mask)
     for i, block in enumerate(model.blocks[1:]):
         decision = model.route(i, x, "hard", threshold, None)
-        x = _block_step(block, x, decision.keep, decision.kept, cache.k[i + 1], cache.v[i + 1], t, mask)
+        x = _block_step(block, x, decision.keep, decision.kept, cache.kv[i + 1], t, mask)
         executed.append(executed[0] if decision.kept is None else decision.kept[:, 0])
     return model.lm_head(model.ln_f(x))[:, 0], torch.stack(executed, dim=-1)
 
