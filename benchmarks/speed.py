@@ -6,7 +6,7 @@ Measures, side by side in one process (alternating, several repeats, median):
 - KV-cache greedy decoding tokens/s at batch 1 and 8;
 - one training step (forward, backward, AdamW) of the TSA model, its dense twin, and a plain
   straightforward PyTorch GPT of the same shape;
-- peak memory of each forward (CUDA allocator peak; on CPU the RSS high-water mark of a fresh process).
+- peak memory of each forward (CUDA: the allocator's peak; CPU: the profiler's allocation record).
 
     python benchmarks/speed.py --dense runs/bench/dense.ckpt --tsa runs/bench/tsa.ckpt
 """
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import platform
-import resource
 import statistics
 import time
 from dataclasses import replace
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from tsa_lightning.accounting import report
 from tsa_lightning.data import ShakespeareDataModule
@@ -122,7 +121,7 @@ def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
                     "executed_skip": rep.executed_tlops_saved,
                     "flops_saved": rep.flops_saved,
                     "ideal_speedup": ideal,
-                    "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else float("nan"),
+                    "fraction_of_ideal": speedup / ideal,
                 }
             )
     return rows
@@ -185,35 +184,32 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
     }
 
 
-def _peak_rss(args) -> float:
-    """In a fresh process: MiB the forward adds to the RSS high-water mark after loading."""
-    path, mode, batch, ctx = args
-    torch.set_num_threads(1)
-    model = TSALanguageModel.load_from_checkpoint(path, map_location="cpu").model.eval()
-    x = torch.randint(0, model.config.vocab_size, (batch, ctx))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_forward_mib(model, x: torch.Tensor, mode: str) -> float:
+    """Peak of the memory the forward's own allocations hold at once (CUDA: the allocator's peak)."""
     with torch.inference_mode():
-        model(x, mode=mode)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-
-
-def peak_memory(args, device, batch: int, ctx: int) -> dict:
-    if device.type == "cuda":
-        out = {}
-        for name, path, mode in (("dense", args.dense, "soft"), ("tsa_hard", args.tsa, "hard")):
-            model = TSALanguageModel.load_from_checkpoint(path, map_location=device).model.eval()
-            x = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
+        if x.is_cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            with torch.inference_mode():
-                model(x, mode=mode)
-            out[f"{name}_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        return out
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        dense = pool.apply(_peak_rss, ((args.dense, "soft", batch, ctx),))
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        tsa = pool.apply(_peak_rss, ((args.tsa, "hard", batch, ctx),))
-    return {"dense_mib": dense, "tsa_hard_mib": tsa, "batch": batch, "ctx": ctx}
+            model(x, mode=mode)
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(x, mode=mode)
+    held, peak = 0, 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage  # this op's own allocations minus frees
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def peak_memory(dense, tsa, tokens, device, batch: int, ctx: int) -> dict:
+    x = windows(tokens, batch, ctx, device)
+    return {
+        "batch": batch,
+        "ctx": ctx,
+        "dense_mib": peak_forward_mib(dense, x, "soft"),
+        "tsa_hard_mib": peak_forward_mib(tsa, x, "hard"),
+    }
 
 
 def table(result: dict) -> str:
@@ -289,7 +285,7 @@ def main() -> None:
         "forward": forward_speed(dense, tsa, tokens, device, args.repeats),
         "decode": decode_speed(dense, tsa, tokens, device, max(3, args.repeats // 2), args.new_tokens),
         "train": train_speed(c, device, args.repeats, batch=16, ctx=min(128, c.block_size)),
-        "memory": peak_memory(args, device, batch=64, ctx=min(128, c.block_size)),
+        "memory": peak_memory(dense, tsa, tokens, device, batch=64, ctx=min(128, c.block_size)),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
