@@ -1,4 +1,4 @@
-"""First look at real savings: hard vs soft forward time with routers biased to skip a target share.
+"""First look at real savings: hard vs soft vs dense-twin forward time, routers biased to skip a share.
 
 Routers get random weights, then each output bias is set so that a chosen fraction of tokens
 passes the skip threshold (calibrated on soft-mode states). Timings alternate between modes in
@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,34 +51,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hard_vs_soft.json"))
     args = parser.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: {args.out} exists; pass another --out")
 
     torch.manual_seed(0)
     config = TSAConfig(vocab_size=65, block_size=args.ctx, n_layer=6, n_head=8, n_embd=256)
     model = TSATransformer(config).eval()
+    torch.manual_seed(0)  # the same seed gives the dense twin the very same blocks
+    dense = TSATransformer(replace(config, routing="none")).eval()
     idx = torch.randint(0, config.vocab_size, (args.batch, args.ctx))
     bias_routers_to_skip(model, idx, args.skip)
 
-    times: dict[str, list[float]] = {"soft": [], "hard": []}
+    runs = {"dense": lambda: dense(idx), "soft": lambda: model(idx), "hard": lambda: model(idx, mode="hard")}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
-        for mode in times:  # warm-up
-            model(idx, mode=mode)
+        for run in runs.values():  # warm-up
+            run()
         for _ in range(args.repeats):
-            for mode in times:
+            for name, run in runs.items():
                 start = time.perf_counter()
-                model(idx, mode=mode)
-                times[mode].append(time.perf_counter() - start)
+                run()
+                times[name].append(time.perf_counter() - start)
         rep = report(config, model(idx, mode="hard")[2])
-    soft, hard = statistics.median(times["soft"]), statistics.median(times["hard"])
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     result = {
         "shape": "n_embd 256, 6 layers, 8 heads, FFN 1024, vocab 65",
         "batch": args.batch,
         "ctx": args.ctx,
         "threads": torch.get_num_threads(),
         "executed_fraction": rep.executed_fraction,
+        "routed_skip": 1 - (rep.executed_fraction * config.n_layer - 1) / (config.n_layer - 1),
         "flops_saved": rep.flops_saved,
-        "soft_ms": soft * 1e3,
-        "hard_ms": hard * 1e3,
-        "speedup_hard_over_soft": soft / hard,
+        "dense_ms": ms["dense"],
+        "soft_ms": ms["soft"],
+        "hard_ms": ms["hard"],
+        "speedup_hard_over_dense": ms["dense"] / ms["hard"],
+        "speedup_hard_over_soft": ms["soft"] / ms["hard"],
         "ideal_speedup_from_flops": 1 / (1 - rep.flops_saved),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
