@@ -60,6 +60,13 @@ VARIANTS = {
     # the depth-loss sweep around tsa_best (run with --variants)
     "tsa_st_lambda_0.01": {"routing": "tsa", "gate": "straight_through", "depth_loss_weight": 0.01},
     "tsa_st_lambda_0.02": {"routing": "tsa", "gate": "straight_through", "depth_loss_weight": 0.02},
+    # routers that start nearly closed (p ~ 0.02): the model begins as its dense twin
+    "tsa_st_bias_-4": {
+        "routing": "tsa",
+        "gate": "straight_through",
+        "depth_loss_weight": 0.05,
+        "router_bias_init": -4.0,
+    },
     "early_exit": {"routing": "early_exit", "skip_threshold": 0.9},
     "mod": {"routing": "mod", "mod_capacity": 0.25, "mod_every": 1},
 }
