@@ -140,6 +140,17 @@ def test_validate_and_test_print_bpc_and_tlops(trained_run, subcommand, split):
         assert f"{split}/{metric}" in result.stdout
 
 
+def test_predict_reports_tokens_and_depths(trained_run):
+    result = cli(
+        "predict",
+        f"--config={trained_run / 'runs/cpu/version_0/config.yaml'}",
+        "--ckpt_path=runs/cpu/checkpoints/last.ckpt",
+        "--trainer.limit_predict_batches=2",
+        cwd=trained_run,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_sample_from_checkpoint(trained_run, mode, capsys):
     text = sample(

@@ -365,6 +365,9 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
     def _eval_loader(self, name: str) -> DataLoader:
         if name not in self.splits:
             raise CorpusError(f"the {name} split is empty (split={self.split}); give it a non-zero fraction")

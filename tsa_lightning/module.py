@@ -175,6 +175,11 @@ class TSALanguageModel(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
         return self._evaluate(batch)
 
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Hard mode on held-out windows: the greedy next token and how many blocks each token ran."""
+        logits, _, routing = self.model(batch[0], mode="hard")
+        return {"next_token": logits.argmax(dim=-1), "blocks_run": routing.executed.sum(dim=-1)}
+
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
 
