@@ -39,3 +39,15 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 def test_alphabet_must_match_vocab_size():
     with pytest.raises(ValueError, match="alphabet has 3 characters but vocab_size is 11"):
         TSALanguageModel(**TINY, alphabet="abc")
+
+
+def test_predict_step_gives_tokens_and_blocks_run():
+    torch.manual_seed(0)
+    module = TSALanguageModel(**TINY).eval()
+    idx = tokens(B=2, T=16)
+    out = module.predict_step((idx, idx), 0)
+    assert out["next_token"].shape == (2, 16) and int(out["next_token"].max()) < TINY["vocab_size"]
+    assert out["blocks_run"].shape == (2, 16)
+    assert int(out["blocks_run"].min()) >= 1 and int(out["blocks_run"].max()) <= TINY["n_layer"]
+    routing = module.model(idx, mode="hard")[2]
+    assert torch.equal(out["blocks_run"], routing.executed.sum(-1))
