@@ -209,13 +209,16 @@ def full_dense_fraction(shape: dict, name: str) -> float:
 
 
 def finish(results: dict, out: Path, shape_name: str) -> None:
-    """Summary, comparisons, JSON, markdown and plot; FLOPs relative to the full-depth dense twin."""
+    """Summary, comparisons, JSON, markdown and plot; compute relative to the full-depth dense twin."""
     if not results.get("flops_relative_to_full_dense"):
+        full = results["shape"]["model"]["n_layer"]
         for name, rows in results["runs"].items():
             factor = full_dense_fraction(results["shape"], name)
+            depth = VARIANTS.get(name, {}).get("n_layer", full) / full
             for row in rows:
                 for point in [row, *row.get("curve", {}).get("points", [])]:
                     point["flops_saved"] = 1 - (1 - point["flops_saved"]) * factor
+                    point["executed_tlops_saved"] = 1 - (1 - point["executed_tlops_saved"]) * depth
         results["flops_relative_to_full_dense"] = True
     summary = results["summary"] = {name: summarize_runs(rows) for name, rows in results["runs"].items()}
     results["comparisons"] = compare(results)
