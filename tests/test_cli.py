@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import REPO, write_corpus
@@ -98,7 +99,8 @@ def test_tensorboard_has_routing_views(trained_run):
     assert {"val/flops_saved", "train/loss", "train/bpc", "train/skip"} <= scalars
     assert "depth_map/val" in images
     histogram = events.Histograms("halting/val/router_0")[-1].histogram_value
-    assert histogram.num == 3 * 32 * 128  # three validation batches of 32 windows of 128 tokens
+    data = yaml.safe_load((trained_run / "runs/cpu/version_0/config.yaml").read_text())["data"]["init_args"]
+    assert histogram.num == 3 * data["batch_size"] * data["block_size"]  # every token of 3 validation batches
     assert histogram.min >= 0.0 and histogram.max <= 1.0
     first_layer = events.Scalars("tlops/val/executed_layer_0")[-1].value
     assert first_layer == 1.0  # the stem always runs
