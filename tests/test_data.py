@@ -1,5 +1,5 @@
 import hashlib
-import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -103,9 +103,15 @@ def test_missing_offline_says_what_to_do_and_touches_nothing(tmp_path):
     message = str(err.value)
     assert str(target) in message and "http://127.0.0.1:9/input.txt" in message
     assert "path=" in message and "TSA_DATA_DIR" in message
-    assert snapshot(tmp_path) == before and not target.exists()
+    assert snapshot(tmp_path) == before and not target.exists() and not target.parent.exists()
     with pytest.raises(CorpusError, match="does not exist"):
         dm.setup()
+
+
+def test_char_vocabulary_needs_the_file(tmp_path):
+    dm = TextDataModule(str(tmp_path / "missing.txt"), level="char", url="http://127.0.0.1:9/x.txt")
+    with pytest.raises(CorpusError, match=re.escape("download it from http://127.0.0.1:9/x.txt first")):
+        print(dm.vocab_size)
 
 
 def test_shakespeare_offline_error_names_the_expected_path(tmp_path):
@@ -131,7 +137,7 @@ def test_download_goes_through_a_temporary_name_and_is_verified(tmp_path):
     bad = TextDataModule(str(target), url=source.as_uri(), sha256="1" * 64)
     with pytest.raises(CorpusError, match="sha256"):
         bad.prepare_data()
-    assert not target.exists() and os.listdir(target.parent) == []  # no half-finished file left
+    assert not target.exists() and not target.parent.exists()  # no half-finished file, no stray folder
     good = TextDataModule(str(target), url=source.as_uri(), sha256=digest)
     good.prepare_data()
     assert target.read_bytes() == source.read_bytes()

@@ -79,7 +79,8 @@ def test_checksum_mismatch(small_corpus, tmp_path):
 
 def test_missing_corpus_offline(tmp_path):
     missing = tmp_path / "nowhere" / "input.txt"
-    message = cli_error(*fit_on(missing, tmp_path, "--data.init_args.url=http://127.0.0.1:9/input.txt"))
+    offline = ["--data.init_args.url=http://127.0.0.1:9/input.txt", "--data.init_args.level=byte"]
+    message = cli_error(*fit_on(missing, tmp_path, *offline))
     assert str(missing) in message and "TSA_DATA_DIR" in message and "http://127.0.0.1:9/input.txt" in message
 
 

@@ -218,6 +218,13 @@ class TextDataModule(L.LightningDataModule):
     @property
     def alphabet(self) -> str | None:
         if self.level == "char" and self._alphabet is None:
+            if not self.path.exists():
+                raise CorpusError(
+                    f"corpus file {self.path} does not exist, and its character vocabulary is read from it "
+                    "when the module is built: "
+                    + (f"download it from {self.url} first, " if self.url else "create it first, ")
+                    + "or fix the vocabulary with alphabet=..., or use level='byte'"
+                )
             self._alphabet = "".join(sorted(set(self._read_text())))
         return self._alphabet
 
@@ -298,14 +305,20 @@ class TextDataModule(L.LightningDataModule):
         """Download once, on one process: to a temporary name, verify, then rename."""
         if self.path.exists() or not self.url:
             return
+        created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".download-") as tmp:
-            try:
-                candidate = self._download(Path(tmp))
-            except OSError as e:
-                raise CorpusError(self._missing_message(str(e))) from None
-            self._verify(candidate)
-            os.replace(candidate, self.path)
+        try:
+            with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".download-") as tmp:
+                try:
+                    candidate = self._download(Path(tmp))
+                except OSError as e:
+                    raise CorpusError(self._missing_message(str(e))) from None
+                self._verify(candidate)
+                os.replace(candidate, self.path)
+        except CorpusError:
+            for folder in created:  # leave no empty folders behind a failed download
+                folder.rmdir()
+            raise
 
     def _download(self, tmp: Path) -> Path:
         target = tmp / self.path.name
