@@ -119,7 +119,6 @@ class TSALanguageModel(L.LightningModule):
             raise ValueError(f"alphabet has {len(alphabet)} characters but vocab_size is {vocab_size}")
         self.model = build_model(self.config)
         self.codec = Codec(alphabet)
-        self.train_loss = LossMetrics()
         self.eval_loss = torch.nn.ModuleDict({mode: LossMetrics() for mode in MODES})
         self.eval_compute = ComputeMetric(self.config)
         self.compute_reports: dict[str, ComputeReport] = {}  # the last validation's and test's
@@ -151,8 +150,10 @@ class TSALanguageModel(L.LightningModule):
                 "reach a checkpoint (the last good one is kept). Lower learning_rate, raise warmup_steps or "
                 "set trainer.gradient_clip_val, then resume with --ckpt_path last"
             )
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/bpc", loss / math.log(2), prog_bar=True)
+        # averaged over ranks at each step, so the progress bar and the logs show the global batch
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/bpc", loss / math.log(2), prog_bar=True, sync_dist=True)
+        self.log("train/ppl", torch.exp(loss), sync_dist=True)
         return {
             "loss": total,
             "halt_probs": None if routing.halt_probs is None else routing.halt_probs.detach(),
