@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tsa_lightning.accounting import summarize, tally
 from tsa_lightning.data import IGNORE_INDEX
-from tsa_lightning.model import Routing, TSATransformer
+from tsa_lightning.model import TSATransformer
 
 DEFAULT_THRESHOLDS = [round(i / 20, 2) for i in range(21)] + [1.01]
 
@@ -34,7 +34,7 @@ def score(model: TSATransformer, loader: DataLoader, mode: str, threshold: float
         _, loss, routing = model(x, y, mode=mode, threshold=threshold)
         n = int((y != IGNORE_INDEX).sum())
         nats, count = nats + loss.item() * n, count + n
-        batch = tally(model.config, Routing(routing.halt_probs, routing.executed))
+        batch = tally(model.config, routing)
         sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
     report = summarize(model.config, sums)
     return {"bpc": nats / count / math.log(2), "targets": count, **asdict(report)}
