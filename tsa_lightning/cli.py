@@ -90,6 +90,11 @@ class TSALightningCLI(LightningCLI):
             )
 
 
+def _require_checkpoint(ckpt_path: str | None) -> None:
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        raise SystemExit(f"error: --ckpt_path must name an existing checkpoint file, got {ckpt_path}")
+
+
 def sample(
     ckpt_path: str | None = None,
     prompt: str = "\n",
@@ -112,8 +117,7 @@ def sample(
         threshold: skip threshold for hard mode (default: the trained model's).
         seed: random seed for sampling.
     """
-    if ckpt_path is None or not Path(ckpt_path).is_file():
-        raise SystemExit(f"error: --ckpt_path must name an existing checkpoint file, got {ckpt_path}")
+    _require_checkpoint(ckpt_path)
     torch.manual_seed(seed)
     module = TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     if threshold is not None:
@@ -143,8 +147,7 @@ def evaluate(
         name: file stem for the outputs (default: the checkpoint's file stem).
         limit_batches: score only the first batches (quick looks; the full split by default).
     """
-    if ckpt_path is None or not Path(ckpt_path).is_file():
-        raise SystemExit(f"error: --ckpt_path must name an existing checkpoint file, got {ckpt_path}")
+    _require_checkpoint(ckpt_path)
     if data is None:
         raise SystemExit("error: --data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
     if split not in ("val", "test"):
