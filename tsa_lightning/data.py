@@ -47,6 +47,12 @@ def data_root(data_dir: str | None = None) -> Path:
     return Path(data_dir or os.environ.get("TSA_DATA_DIR") or "data")
 
 
+def fetch(url: str, target: Path) -> Path:
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
+        shutil.copyfileobj(response, f)
+    return target
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -313,18 +319,19 @@ class TextDataModule(L.LightningDataModule):
                     candidate = self._download(Path(tmp))
                 except OSError as e:
                     raise CorpusError(self._missing_message(str(e))) from None
-                self._verify(candidate)
-                os.replace(candidate, self.path)
+                self._install(candidate)
         except CorpusError:
             for folder in created:  # leave no empty folders behind a failed download
                 folder.rmdir()
             raise
 
     def _download(self, tmp: Path) -> Path:
-        target = tmp / self.path.name
-        with urllib.request.urlopen(self.url, timeout=60) as response, open(target, "wb") as f:
-            shutil.copyfileobj(response, f)
-        return target
+        return fetch(self.url, tmp / self.path.name)
+
+    def _install(self, candidate: Path) -> None:
+        """Verify a freshly made copy, then move it into place in one step."""
+        self._verify(candidate)
+        os.replace(candidate, self.path)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -469,16 +476,11 @@ class Enwik8DataModule(TextDataModule):
     def prepare_data(self) -> None:
         if not self.path.exists() and self.zip_path is not None and self.zip_path.exists():
             with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".unzip-") as tmp:
-                candidate = self._extract(self.zip_path, Path(tmp))
-                self._verify(candidate)
-                os.replace(candidate, self.path)
+                self._install(self._extract(self.zip_path, Path(tmp)))
         super().prepare_data()
 
     def _download(self, tmp: Path) -> Path:
-        zipped = tmp / "enwik8.zip"
-        with urllib.request.urlopen(self.url, timeout=60) as response, open(zipped, "wb") as f:
-            shutil.copyfileobj(response, f)
-        return self._extract(zipped, tmp)
+        return self._extract(fetch(self.url, tmp / "enwik8.zip"), tmp)
 
     def _extract(self, zipped: Path, tmp: Path) -> Path:
         try:
