@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from speed import alternate  # the benchmarks' one way to time things side by side
 
 from tsa_lightning import TSAConfig, TSATransformer
 from tsa_lightning.accounting import report
@@ -63,17 +62,9 @@ def main() -> None:
     bias_routers_to_skip(model, idx, args.skip)
 
     runs = {"dense": lambda: dense(idx), "soft": lambda: model(idx), "hard": lambda: model(idx, mode="hard")}
-    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
-        for run in runs.values():  # warm-up
-            run()
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        ms = {name: t * 1e3 for name, t in alternate(runs, args.repeats, idx.device).items()}
         rep = report(config, model(idx, mode="hard")[2])
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     result = {
         "shape": "n_embd 256, 6 layers, 8 heads, FFN 1024, vocab 65",
         "batch": args.batch,
