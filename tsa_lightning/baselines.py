@@ -68,13 +68,16 @@ class MixtureOfDepthsTransformer(TSATransformer):
         if str(i) not in self.scorers:
             return Decision()
         weight = torch.sigmoid(self.scorers[str(i)](x))
-        skip = self.predictors[str(i)](x.detach())  # the predictor never steers the trunk
+        skip_logit = self.predictors[str(i)].logit(x.detach())  # the predictor never steers the trunk
+        skip = torch.sigmoid(skip_logit)
         if mode == "hard":
             return Decision(keep=weight, kept=skip <= threshold, halt=skip)
         top = weight.squeeze(-1).topk(self.capacity(x.size(1)), dim=-1).indices
         kept = torch.zeros_like(skip, dtype=torch.bool).scatter(1, top, True)
+        # from logits: safe under autocast and in any dtype
+        target = (~kept).to(skip_logit.dtype)
         return Decision(
-            keep=weight, kept=kept, halt=skip, aux_loss=F.binary_cross_entropy(skip, (~kept).float())
+            keep=weight, kept=kept, halt=skip, aux_loss=F.binary_cross_entropy_with_logits(skip_logit, target)
         )
 
 

@@ -14,13 +14,26 @@ from pathlib import Path
 
 import torch
 from jsonargparse import auto_cli
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.callbacks import DepthMap, HaltingHistograms, TLOpsMonitor
 from tsa_lightning.data import CorpusError, TextDataModule
 from tsa_lightning.evaluation import DEFAULT_THRESHOLDS, markdown_table, sweep, write_outputs
 from tsa_lightning.module import TSALanguageModel
+from tsa_lightning.runs import (
+    LAST,
+    AtomicCheckpointIO,
+    GracefulStop,
+    RunError,
+    RunLock,
+    describe_os_error,
+    is_launching_process,
+    read_checkpoint,
+)
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -66,33 +79,48 @@ class TSALightningCLI(LightningCLI):
                     Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
                 )
 
-    def after_instantiate_classes(self) -> None:
-        """A checkpoint path that names no file fails here, in one line, before any work starts."""
-        ckpt_path = self._get(self.config, "ckpt_path")
-        if (
-            ckpt_path
-            and ckpt_path not in ("last", "best", "hpc", "registry")
-            and not Path(ckpt_path).is_file()
-        ):
-            raise SystemExit(
-                f"error: checkpoint {ckpt_path} does not exist; give the path of a .ckpt file "
-                "(runs/<name>/checkpoints/) or `last` to resume the latest run"
-            )
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """A checkpoint path that names no usable file fails here, in one line, before Lightning reads it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            read_checkpoint(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Every run writes checkpoints atomically and stops cleanly on SIGTERM or SIGINT."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(GracefulStop())
+        return trainer
 
     def before_fit(self) -> None:
-        """Never let a fresh run overwrite an earlier run's checkpoints."""
-        dirpath = self.config_init.fit.checkpoint.dirpath
-        if self.config_init.fit.ckpt_path is None and dirpath and any(Path(dirpath).glob("*.ckpt")):
-            raise SystemExit(
-                f"error: {dirpath} already holds checkpoints of an earlier run. Resume it with "
+        """The run owns its checkpoint folder: one live run per folder, never over an earlier run's work."""
+        config = self.config_init.fit
+        dirpath = config.checkpoint.dirpath
+        if not dirpath or not is_launching_process():
+            return
+        self.run_lock = RunLock(Path(dirpath))
+        if config.ckpt_path == "last":  # only ever this folder's own last.ckpt
+            last = Path(dirpath) / LAST
+            if last.is_file():
+                config.ckpt_path = str(last)
+            else:
+                print(f"No checkpoint to resume in {dirpath}: a new run starts.", file=sys.stderr)
+                config.ckpt_path = None
+        if config.ckpt_path is None and any(Path(dirpath).glob("*.ckpt")):
+            raise RunError(
+                f"{dirpath} already holds checkpoints of an earlier run. Resume it with "
                 "`--ckpt_path last`, or start a new run under another name "
                 "(--trainer.logger.init_args.name=...) or folder (--checkpoint.dirpath=...)."
             )
 
 
 def _require_checkpoint(ckpt_path: str | None) -> None:
-    if ckpt_path is None or not Path(ckpt_path).is_file():
-        raise SystemExit(f"error: --ckpt_path must name an existing checkpoint file, got {ckpt_path}")
+    if ckpt_path is None:
+        raise SystemExit("error: --ckpt_path is required: the .ckpt file written by `fit`")
+    read_checkpoint(ckpt_path)
 
 
 def sample(
@@ -184,15 +212,24 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"exit_on_error": False},
             args=args,
         )
+    except SIGTERMException as e:  # stopped by a signal, with a resumable checkpoint
+        print(*getattr(e, "__notes__", []), file=sys.stderr)
+        sys.exit(e.code)
     except ArgumentError as e:  # an unknown key or a wrong type, from the command line or a config file
         if os.environ.get("TSA_TRACEBACK"):
             raise
         command = argv[0] if argv else "fit"
         sys.exit(f"error: {' '.join(str(e).split())} (see `tsa-lightning {command} --help` for the options)")
-    except (CorpusError, ValueError, FloatingPointError) as e:
+    except (CorpusError, RunError, ValueError, FloatingPointError) as e:
         if os.environ.get("TSA_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only folder, a folder where a file should be
+        if os.environ.get("TSA_TRACEBACK"):
+            raise
+        sys.exit(f"error: {describe_os_error(e)}")
+    finally:
+        RunLock.release_all()
 
 
 if __name__ == "__main__":

@@ -140,8 +140,9 @@ class CausalSelfAttention(nn.Module):
         # positions of the kept tokens, packed left in each row (stable sort keeps them in order)
         positions = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :n]
         slot_used = torch.arange(n, device=x.device) < counts[:, None]  # (B, n)
-        q = x.new_zeros(B, n, C)
-        q[slot_used] = self.query(x[kept])
+        q_kept = self.query(x[kept])  # under autocast, in the autocast dtype
+        q = q_kept.new_zeros(B, n, C)
+        q[slot_used] = q_kept
         may_attend = torch.arange(T, device=x.device) <= positions[:, :, None]  # (B, n, T)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
@@ -206,7 +207,10 @@ class Router(nn.Module):
         self.out = nn.Linear(config.router_hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return torch.sigmoid(self.out(F.relu(self.hidden(h)))).squeeze(-1)
+        return torch.sigmoid(self.logit(h))
+
+    def logit(self, h: Tensor) -> Tensor:
+        return self.out(F.relu(self.hidden(h))).squeeze(-1)
 
 
 class TSATransformer(nn.Module):

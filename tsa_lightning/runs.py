@@ -1,0 +1,183 @@
+"""A run owns its folder and never loses work.
+
+- `RunLock`: one live `fit` per checkpoint folder; the lock is an OS file lock, so it dies with
+  its process and a crashed run never blocks the next one.
+- `GracefulStop`: SIGTERM or SIGINT ends training after the current step with a resumable
+  checkpoint, and the command exits 143 or 130 instead of pretending it finished.
+- `AtomicCheckpointIO`: a checkpoint is written to a temporary file beside its target, flushed to
+  disk, then renamed over it; a failed write (a full disk) leaves the previous file intact.
+- `read_checkpoint`: a checkpoint file is loadable and ours, or one line says why not.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+LAST = "last.ckpt"
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+
+
+class RunError(RuntimeError):
+    """Work could not be saved or a run folder cannot be used; the message says what to do."""
+
+
+class RunLock:
+    """An exclusive lock on a checkpoint folder for the lifetime of this process (or `release`)."""
+
+    held: ClassVar[set[RunLock]] = set()
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder.with_name(folder.name + ".lock")  # beside the folder: Lightning wants it empty
+        self.file = open(self.path, "a+")  # noqa: SIM115 - held open for as long as the run lives
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RunError(
+                f"{folder} belongs to a run that is still going ({owner}); wait for it to finish, stop it, "
+                "or start this one under another name (--trainer.logger.init_args.name=...)"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}\n")
+        self.file.flush()
+        RunLock.held.add(self)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)  # tidy; a lock file left by a crash is harmless
+        self.file.close()  # closing the descriptor drops the lock
+        RunLock.held.discard(self)
+
+    @classmethod
+    def release_all(cls) -> None:
+        """For a command that ends without leaving the process (tests, notebooks)."""
+        for lock in list(cls.held):
+            lock.release()
+
+
+def is_launching_process() -> bool:
+    """True in the process a user started (not in the extra ranks a DDP launcher spawns)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM or SIGINT: finish the current step, write `last.ckpt`, and exit 143 or 130.
+
+    Lightning already turns SIGTERM into an exception at the end of a training step (a point from
+    which a checkpoint resumes exactly); this callback routes SIGINT to the same place, writes the
+    checkpoint there, and records the signal so that the command can exit with its status. A second
+    SIGINT interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signum = None
+        lightning_handler = signal.getsignal(signal.SIGTERM)  # installed by the Trainer just before
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.signum == signal.SIGINT and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signum = self.signum or signum
+            if callable(lightning_handler):
+                lightning_handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        signum = signal.Signals(self.signum or signal.SIGTERM)
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        path = Path(folder or trainer.default_root_dir) / LAST
+        trainer.save_checkpoint(path)
+        exception.code = EXIT_CODES[signum]
+        exception.add_note(
+            f"stopped by {signum.name} at step {trainer.global_step}; saved {path}. "
+            "Resume with the same command plus --ckpt_path last"
+        )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file in the destination folder, flush to disk, then rename.
+
+    Lightning's own writer stages the file elsewhere and moves it, which across filesystems (a
+    Docker volume) is a copy that a full disk can cut short under the final name.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the right tool there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except BaseException as e:
+            partial.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                kept = "the previous checkpoint there is intact" if path.exists() else "nothing was written"
+                raise RunError(
+                    f"could not write checkpoint {path}: {e.strerror or e}; {kept}. "
+                    + ("Free some disk space" if e.errno == errno.ENOSPC else "Make the folder writable")
+                    + ", then resume with --ckpt_path last"
+                ) from e
+            raise
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU, or raise RunError saying why it is not a usable one."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"checkpoint {path} is a folder; give a .ckpt file in it, e.g. {path / LAST}")
+    if not path.is_file():
+        raise RunError(
+            f"checkpoint {path} does not exist; give the path of a .ckpt file (runs/<name>/checkpoints/) "
+            "or `last` to resume the latest run"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except PermissionError:
+        raise  # reported as what it is
+    except Exception:  # a cut-short zip fails to map or to unpack; other files fail to unpickle
+        raise RunError(
+            f"{path} is not a readable checkpoint (cut short, or not written by torch.save); "
+            "use another checkpoint of the run, e.g. the best-*.ckpt beside it"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= checkpoint.keys():
+        raise RunError(f"{path} is not a tsa-lightning checkpoint (it has no model hyperparameters)")
+    return checkpoint
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a file-system fault a user can fix."""
+    where = " -> ".join(str(name) for name in (e.filename, e.filename2) if name is not None) or "a file"
+    hints = {
+        errno.ENOSPC: "the disk is full: free some space, then resume with --ckpt_path last",
+        errno.EACCES: "permission denied: make it writable/readable or choose another folder",
+        errno.EPERM: "permission denied: make it writable/readable or choose another folder",
+        errno.EROFS: "the file system is read-only: choose another folder",
+        errno.EISDIR: "this is a folder, but a file is needed here",
+        errno.ENOTDIR: "a file stands where a folder is needed",
+        errno.ENOENT: "no such file or folder",
+    }
+    return f"{where}: {hints.get(e.errno, e.strerror or str(e))}"
