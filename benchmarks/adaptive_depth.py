@@ -90,15 +90,16 @@ def train(
     data = ShakespeareDataModule(data_dir=data_dir, seed=seed, **shape["data"])
     depth_loss = overrides.get("depth_loss_weight", 0.0)
     model_args = {k: v for k, v in overrides.items() if k != "depth_loss_weight"}
+    config = TSAConfig(
+        vocab_size=data.vocab_size, block_size=shape["data"]["block_size"], **{**shape["model"], **model_args}
+    )
     model = TSALanguageModel(
-        vocab_size=data.vocab_size,
+        config,
         alphabet=data.alphabet,
-        block_size=shape["data"]["block_size"],
         learning_rate=shape["learning_rate"],
         min_learning_rate=shape["learning_rate"] / 10,
         warmup_steps=100,
         depth_loss_weight=depth_loss,
-        **{**shape["model"], **model_args},
     )
     trainer = L.Trainer(
         max_steps=shape["steps"],
@@ -171,7 +172,7 @@ def main() -> None:
 
     results: dict = {"date": str(date.today()), "shape": shape, "seeds": args.seeds, "runs": {}}
     # the control: an untrained TSA router scored by the paper's formula
-    init = TSALanguageModel(vocab_size=65, block_size=shape["data"]["block_size"], **shape["model"]).model
+    init = TSALanguageModel(TSAConfig(block_size=shape["data"]["block_size"], **shape["model"])).model
     control = score(init, test, "hard")
     results["runs"]["tsa_router_at_init"] = [
         {"seed": 0, "bpc": control["bpc"], "executed_tlops_saved": control["executed_tlops_saved"],

@@ -5,6 +5,7 @@ import pytest
 
 from tsa_lightning.cli import evaluate
 from tsa_lightning.data import TextDataModule
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 FIELDS = {"threshold", "bpc", "executed_fraction", "executed_tlops_saved", "flops_saved", "paper_tlops_saved"}
@@ -14,18 +15,18 @@ def tiny_run(tmp_path, corpus, routing: str) -> str:
     """Four training steps of a tiny model on a generated corpus; returns the checkpoint path."""
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), level="char", block_size=16, batch_size=8, samples_per_epoch=64)
-    model = TSALanguageModel(
+    config = TSAConfig(
         vocab_size=data.vocab_size,
-        alphabet=data.alphabet,
         block_size=16,
         n_layer=3,
         n_head=2,
         n_embd=16,
+        dropout=0.1,
         routing=routing,
         mod_every=1,
         mod_capacity=0.5,
-        warmup_steps=1,
     )
+    model = TSALanguageModel(config, alphabet=data.alphabet, warmup_steps=1)
     trainer = L.Trainer(
         max_steps=4,
         logger=False,

@@ -38,9 +38,9 @@ TRAINER_DEFAULTS = {
 class TSALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the corpus decides the vocabulary and the context: written once, in data
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.alphabet", "model.alphabet", apply_on="instantiate")
-        parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
+        parser.link_arguments("data.block_size", "model.config.block_size", apply_on="instantiate")
         parser.add_lightning_class_args(HaltingHistograms, "halting_histograms")
         parser.add_lightning_class_args(TLOpsMonitor, "tlops_monitor")
         parser.add_lightning_class_args(DepthMap, "depth_map")

@@ -13,8 +13,8 @@ initialisation, same code path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -24,42 +24,47 @@ from torch.nn import functional as F
 Mode = Literal["soft", "hard"]
 
 
+def shape(default):
+    """A field that fixes the weights: a checkpoint must agree on it to be loaded."""
+    return field(default=default, metadata={"shape": True})
+
+
 @dataclass
 class TSAConfig:
-    """The network (nanoGPT's names) and its routing; invalid values raise ValueError naming the field."""
+    """The network (nanoGPT's names) and its routing; invalid values raise ValueError naming the field.
 
-    vocab_size: int = 65
-    block_size: int = 128
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 256
-    ffn_hidden: int | None = None  # default 4 * n_embd
+    The one definition of the architecture: the CLI's `model.config` options, the checkpoint's
+    hyperparameters and the checkpoint compatibility check (the `shape` fields) all come from here.
+    """
+
+    vocab_size: int = shape(65)
+    block_size: int = shape(128)
+    n_layer: int = shape(6)
+    n_head: int = shape(8)
+    n_embd: int = shape(256)
+    ffn_hidden: int | None = shape(None)  # default 4 * n_embd
     dropout: float = 0.0
-    bias: bool = True
-    routing: Literal["none", "tsa", "early_exit", "mod"] = "tsa"  # "none" is the dense twin
-    router_hidden: int | None = None  # default max(16, n_embd // 4), as published
+    bias: bool = shape(True)
+    routing: Literal["none", "tsa", "early_exit", "mod"] = shape("tsa")  # "none" is the dense twin
+    router_hidden: int | None = shape(None)  # default max(16, n_embd // 4), as published
     router_bias_init: float = -1.0  # sigmoid(-1) ~ 0.27: every token starts mostly kept
     skip_threshold: float = 0.5  # hard mode skips a block when p > skip_threshold
     gate: Literal["soft", "straight_through"] = "soft"  # how training applies the router (see route)
     mod_capacity: float = 0.125  # Mixture-of-Depths baseline: share of each sequence a routed block runs
-    mod_every: int = 2  # Mixture-of-Depths baseline: route every mod_every-th block
+    mod_every: int = shape(2)  # Mixture-of-Depths baseline: route every mod_every-th block
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.n_embd
         if self.router_hidden is None:
             self.router_hidden = max(16, self.n_embd // 4)
-        for name in (
-            "vocab_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "ffn_hidden",
-            "router_hidden",
-        ):
+        for name, kind in get_type_hints(TSAConfig).items():  # the choices are the annotations' own
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if get_origin(kind) is Literal and value not in get_args(kind):
+                raise ValueError(f"TSAConfig.{name} must be one of {get_args(kind)}, got {value!r}")
+            if kind in (int, int | None) and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
                 raise ValueError(f"TSAConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(
@@ -69,18 +74,20 @@ class TSAConfig:
             raise ValueError(f"TSAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.skip_threshold <= 1.0:
             raise ValueError(f"TSAConfig.skip_threshold must be in [0, 1], got {self.skip_threshold!r}")
-        choices = {"routing": ("none", "tsa", "early_exit", "mod"), "gate": ("soft", "straight_through")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TSAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.routing != "none" and self.n_layer < 2:
             raise ValueError(f"TSAConfig.n_layer must be at least 2 when routing blocks, got {self.n_layer}")
         if not 0.0 < self.mod_capacity <= 1.0:
             raise ValueError(f"TSAConfig.mod_capacity must be in (0, 1], got {self.mod_capacity!r}")
-        if not isinstance(self.mod_every, int) or self.mod_every < 1:
-            raise ValueError(f"TSAConfig.mod_every must be a positive integer, got {self.mod_every!r}")
         if not math.isfinite(self.router_bias_init):
             raise ValueError(f"TSAConfig.router_bias_init must be finite, got {self.router_bias_init!r}")
+
+    def mismatches(self, other: TSAConfig) -> list[str]:
+        """The `shape` fields on which two configs disagree: a checkpoint of one cannot load in the other."""
+        return [
+            f.name
+            for f in fields(self)
+            if f.metadata.get("shape") and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -62,31 +62,17 @@ class LossMetrics(torch.nn.Module):
 class TSALanguageModel(L.LightningModule):
     """A character/byte language model whose tokens choose their own depth.
 
-    Model args mirror `TSAConfig`. Training args: AdamW (decay on matrices only), linear warmup
-    then cosine decay to min_lr by step, and the paper's optional depth loss
-    `depth_loss_weight * mean(1 - p)`, which pushes routers towards skipping.
-    `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
+    `config` is the network (`TSAConfig`; a dict when read back from a checkpoint). Training args:
+    AdamW (decay on matrices only), linear warmup then cosine decay to min_lr by step, and the
+    variant's depth loss (TSA: the paper's `depth_loss_weight * mean(1 - p)`, which pushes routers
+    towards skipping). `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
     `compile` runs the training forward (dense, masked: no data-dependent shapes) through
     torch.compile; evaluation and the sparse hard mode stay eager.
     """
 
     def __init__(
         self,
-        vocab_size: int = 65,
-        block_size: int = 128,
-        n_layer: int = 6,
-        n_head: int = 8,
-        n_embd: int = 256,
-        ffn_hidden: int | None = None,
-        dropout: float = 0.1,
-        bias: bool = True,
-        routing: Literal["none", "tsa", "early_exit", "mod"] = "tsa",
-        router_hidden: int | None = None,
-        router_bias_init: float = -1.0,
-        skip_threshold: float = 0.5,
-        gate: Literal["soft", "straight_through"] = "soft",
-        mod_capacity: float = 0.125,
-        mod_every: int = 2,
+        config: TSAConfig,
         depth_loss_weight: float = 0.0,
         learning_rate: float = 1e-3,
         min_learning_rate: float = 1e-4,
@@ -97,26 +83,14 @@ class TSALanguageModel(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        self.config = config if isinstance(config, TSAConfig) else TSAConfig(**config)
+        # save_hyperparameters reads the argument by name: store plain types, loadable with weights_only
+        config = asdict(self.config)
         self.save_hyperparameters()
-        self.config = TSAConfig(
-            vocab_size=vocab_size,
-            block_size=block_size,
-            n_layer=n_layer,
-            n_head=n_head,
-            n_embd=n_embd,
-            ffn_hidden=ffn_hidden,
-            dropout=dropout,
-            bias=bias,
-            routing=routing,
-            router_hidden=router_hidden,
-            router_bias_init=router_bias_init,
-            skip_threshold=skip_threshold,
-            gate=gate,
-            mod_capacity=mod_capacity,
-            mod_every=mod_every,
-        )
-        if alphabet is not None and len(alphabet) != vocab_size:
-            raise ValueError(f"alphabet has {len(alphabet)} characters but vocab_size is {vocab_size}")
+        if alphabet is not None and len(alphabet) != self.config.vocab_size:
+            raise ValueError(
+                f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
+            )
         self.model = build_model(self.config)
         self.codec = Codec(alphabet)
         self.eval_loss = torch.nn.ModuleDict({mode: LossMetrics() for mode in MODES})
@@ -201,24 +175,12 @@ class TSALanguageModel(L.LightningModule):
         self.log(f"{stage}/flops_saved", report.flops_saved)
         self.eval_compute.reset()
 
-    ARCHITECTURE = (
-        "vocab_size",
-        "block_size",
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "ffn_hidden",
-        "bias",
-        "routing",
-    )
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
-        saved = checkpoint.get("hyper_parameters", {})
+        saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
         mismatched = [
-            f"{key}={saved[key]!r} (this run: {self.hparams[key]!r})"
-            for key in self.ARCHITECTURE
-            if key in saved and saved[key] != self.hparams[key]
+            f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
+            for key in saved.mismatches(self.config)
         ]
         if mismatched:
             raise ValueError(
