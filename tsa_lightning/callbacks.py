@@ -94,7 +94,7 @@ class TLOpsMonitor(L.Callback):
         halts = outputs.get("halt_probs") if isinstance(outputs, dict) else None
         if halts is None or trainer.global_step % self.every_n_steps:
             return
-        executed = halts <= pl_module.config.skip_threshold
+        executed = ~pl_module.model.skips(halts, pl_module.config.skip_threshold)
         per_layer = trainer.strategy.reduce(executed.float().mean(dim=(0, 1)), reduce_op="mean")
         metrics = {f"tlops/train/executed_layer_{i + 1}": v for i, v in enumerate(per_layer.tolist())}
         metrics["tlops/train/would_save_executed"] = (

@@ -13,7 +13,8 @@ from torchmetrics import MeanMetric, Metric
 from tsa_lightning.accounting import ComputeReport, summarize, tally
 from tsa_lightning.baselines import build_model
 from tsa_lightning.data import IGNORE_INDEX, Codec
-from tsa_lightning.model import Routing, TSAConfig
+from tsa_lightning.inference import generate_cached
+from tsa_lightning.model import Mode, Routing, TSAConfig
 
 MODES = ("soft", "hard")
 
@@ -111,12 +112,12 @@ class TSALanguageModel(L.LightningModule):
         x, y = batch
         _, loss, routing = self.train_forward(x, y)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
+        keep = self.model.depth_term(routing)
+        if keep is not None:
+            total = total + self.hparams.depth_loss_weight * keep
+            self.log("train/keep", keep)
         if routing.halt_probs is not None:
-            if self.config.routing == "tsa":
-                keep = (1 - routing.halt_probs).mean()
-                total = total + self.hparams.depth_loss_weight * keep
-                self.log("train/keep", keep)
-            would_skip = (routing.halt_probs > self.config.skip_threshold).float().mean()
+            would_skip = self.model.skips(routing.halt_probs, self.config.skip_threshold).float().mean()
             self.log("train/skip", would_skip, prog_bar=True)
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -223,8 +224,11 @@ class TSALanguageModel(L.LightningModule):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
-        mode: str = "soft",
+        mode: Mode | None = None,
+        threshold: float | None = None,
     ) -> str:
-        idx = torch.tensor([self.codec.encode(prompt or "\n")], device=self.device)
-        out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, mode=mode)
-        return self.codec.decode(out[0, idx.size(1) :])
+        """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for."""
+        idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
+        mode = mode or self.model.trained_mode
+        out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode)[0]
+        return self.codec.decode(out[len(idx) :])
