@@ -6,12 +6,14 @@ tsa-lightning sample --ckpt_path runs/shakespeare_cpu/checkpoints/last.ckpt --pr
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from argparse import ArgumentError
-from itertools import islice
 from pathlib import Path
+from typing import Literal
 
+import lightning as L
 import torch
 from jsonargparse import auto_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -19,7 +21,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tsa_lightning.callbacks import DepthMap, HaltingHistograms, TLOpsMonitor
 from tsa_lightning.data import CorpusError, TextDataModule
-from tsa_lightning.evaluation import DEFAULT_THRESHOLDS, markdown_table, sweep, write_outputs
+from tsa_lightning.evaluation import (
+    DEFAULT_THRESHOLDS,
+    MAX_THRESHOLD,
+    markdown_table,
+    output_paths,
+    sweep,
+    write_outputs,
+)
 from tsa_lightning.module import TSALanguageModel
 
 TRAINER_DEFAULTS = {
@@ -68,7 +77,7 @@ class TSALightningCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         """A checkpoint path that names no file fails here, in one line, before any work starts."""
-        ckpt_path = self._get(self.config, "ckpt_path")
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if (
             ckpt_path
             and ckpt_path not in ("last", "best", "hpc", "registry")
@@ -90,9 +99,42 @@ class TSALightningCLI(LightningCLI):
             )
 
 
-def _require_checkpoint(ckpt_path: str | None) -> None:
+def load_checkpoint(ckpt_path: str | None) -> TSALanguageModel:
+    """The module saved by `fit`, on the CPU; refused in one line when missing or older than model.config."""
     if ckpt_path is None or not Path(ckpt_path).is_file():
         raise SystemExit(f"error: --ckpt_path must name an existing checkpoint file, got {ckpt_path}")
+    refuse_flat_checkpoint(ckpt_path)
+    return TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
+
+
+def refuse_flat_checkpoint(ckpt_path: str) -> None:
+    """Checkpoints from before `model.config` kept the network's options beside the training ones."""
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    if hparams and "config" not in hparams:
+        raise SystemExit(
+            f"error: {ckpt_path} predates model.config (the network's options were flat); convert it once: "
+            'python -c "from tsa_lightning.module import upgrade_checkpoint as u; '
+            f"print(u('{ckpt_path}'))\" and use the .upgraded.ckpt it prints"
+        )
+
+
+def check_range(name: str, value: float | None, low: float, high: float = math.inf) -> None:
+    if value is not None and not low <= value <= high:
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise SystemExit(f"error: --{name} must be {bounds}, got {value}")
+
+
+def same_vocabulary(module: TSALanguageModel, data: TextDataModule) -> None:
+    """A model scores only the symbols it was trained on."""
+
+    def described(alphabet: str | None) -> str:
+        return "bytes (256)" if alphabet is None else f"{len(alphabet)} characters {alphabet!r}"
+
+    if module.codec.alphabet != data.alphabet:
+        raise SystemExit(
+            f"error: the checkpoint's vocabulary is {described(module.codec.alphabet)}, the data's is "
+            f"{described(data.alphabet)}; evaluate a checkpoint on the corpus it was trained on"
+        )
 
 
 def sample(
@@ -101,28 +143,32 @@ def sample(
     max_new_tokens: int = 500,
     temperature: float = 0.8,
     top_k: int | None = None,
-    mode: str = "soft",
+    mode: Literal["soft", "hard"] | None = None,
     threshold: float | None = None,
     seed: int = 1337,
 ) -> str:
-    """Print text sampled from a checkpoint.
+    """Print text sampled from a checkpoint with the KV-cache decoder.
 
     Args:
         ckpt_path: a checkpoint written by `fit`.
         prompt: text to continue (in the corpus alphabet).
-        max_new_tokens: how many tokens to generate.
-        temperature: softmax temperature; 0 is greedy.
-        top_k: sample only among the k most likely tokens.
-        mode: "soft" (every block runs) or "hard" (tokens skip blocks).
-        threshold: skip threshold for hard mode (default: the trained model's).
+        max_new_tokens: how many tokens to generate (>= 1).
+        temperature: softmax temperature (>= 0); 0 is greedy.
+        top_k: sample only among the k most likely tokens (>= 1).
+        mode: "soft" (every block runs) or "hard" (tokens skip blocks); default: the mode the model
+            was trained for (hard for a straight-through gate, early exit and Mixture-of-Depths).
+        threshold: skip threshold for hard mode, in [0, 1.01] (default: the trained model's).
         seed: random seed for sampling.
     """
-    _require_checkpoint(ckpt_path)
+    check_range("max_new_tokens", max_new_tokens, 1)
+    check_range("temperature", temperature, 0)
+    check_range("top_k", top_k, 1)
+    check_range("threshold", threshold, 0, MAX_THRESHOLD)
+    module = load_checkpoint(ckpt_path).eval()
     torch.manual_seed(seed)
-    module = TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
-    if threshold is not None:
-        module.config.skip_threshold = threshold
-    text = module.sample(prompt, max_new_tokens, temperature=temperature, top_k=top_k, mode=mode)
+    mode = mode or module.model.trained_mode
+    text = module.sample(prompt, max_new_tokens, temperature, top_k, mode, threshold)
+    print(f"[{mode} mode, KV-cache decoding]", file=sys.stderr)
     print(prompt + text)
     return text
 
@@ -130,11 +176,14 @@ def sample(
 def evaluate(
     ckpt_path: str | None = None,
     data: TextDataModule | None = None,
-    split: str = "test",
+    split: Literal["val", "test"] = "test",
     thresholds: list[float] | None = None,
     out_dir: str = "eval",
     name: str | None = None,
     limit_batches: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    precision: str | None = None,
 ) -> dict:
     """Sweep the skip threshold of a checkpoint: hard-mode bpc against executed compute.
 
@@ -142,26 +191,43 @@ def evaluate(
         ckpt_path: a checkpoint written by `fit`.
         data: the corpus, as in the training config (e.g. --data=ShakespeareDataModule).
         split: "val" or "test".
-        thresholds: skip thresholds to sweep (default 0, 0.05, ..., 1, 1.01).
-        out_dir: folder for <name>.json, <name>.md, <name>.png and tensorboard/.
+        thresholds: skip thresholds to sweep, each in [0, 1.01] (default 0, 0.05, ..., 1, 1.01).
+        out_dir: folder for <name>.json, <name>.md, <name>.png and tensorboard/<name>/.
         name: file stem for the outputs (default: the checkpoint's file stem).
-        limit_batches: score only the first batches (quick looks; the full split by default).
+        limit_batches: score only the first batches (>= 1; quick looks; the full split by default).
+        accelerator: Lightning accelerator for the sweep ("cpu", "gpu", "auto", ...).
+        devices: Lightning devices for the sweep.
+        precision: Lightning precision for the sweep (e.g. "bf16-mixed"; default full precision).
     """
-    _require_checkpoint(ckpt_path)
-    if data is None:
-        raise SystemExit("error: --data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
     if split not in ("val", "test"):
         raise SystemExit(f"error: --split must be 'val' or 'test', got {split!r}")
-    name = name or Path(ckpt_path).stem
-    if (Path(out_dir) / f"{name}.json").exists():
-        raise SystemExit(f"error: {Path(out_dir) / name}.json exists; choose another --out_dir or --name")
-    module = TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
-    data.setup("test")
-    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
-    batches = list(islice(loader, limit_batches)) if limit_batches else loader
-    result = sweep(module.model, batches, thresholds or DEFAULT_THRESHOLDS)
-    write_outputs(result, Path(out_dir), name)
-    print(markdown_table(result))
+    check_range("limit_batches", limit_batches, 1)
+    thresholds = thresholds or DEFAULT_THRESHOLDS
+    for threshold in thresholds:
+        check_range("thresholds", threshold, 0, MAX_THRESHOLD)
+    if data is None:
+        raise SystemExit("error: --data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
+    name = name or Path(str(ckpt_path)).stem
+    for path in output_paths(Path(out_dir), name):
+        if path.exists():
+            raise SystemExit(f"error: {path} exists; choose another --out_dir or --name")
+    module = load_checkpoint(ckpt_path)
+    same_vocabulary(module, data)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=limit_batches,
+        limit_test_batches=limit_batches,
+    )
+    result = sweep(module.model, data, thresholds, split, trainer)
+    if trainer.is_global_zero:
+        write_outputs(result, Path(out_dir), name)
+        print(markdown_table(result))
     return result
 
 
@@ -175,6 +241,13 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in SUBCOMMANDS:
             auto_cli(SUBCOMMANDS[argv[0]], args=argv[1:])
             return
+        for i, flag in enumerate(
+            argv
+        ):  # old checkpoints fail before LightningCLI reads their hyperparameters
+            path = flag.removeprefix("--ckpt_path=") if flag.startswith("--ckpt_path=") else None
+            path = argv[i + 1] if flag == "--ckpt_path" and i + 1 < len(argv) else path
+            if path and Path(path).is_file():
+                refuse_flat_checkpoint(path)
         TSALightningCLI(
             TSALanguageModel,
             TextDataModule,

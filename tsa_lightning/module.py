@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -232,3 +233,13 @@ class TSALanguageModel(L.LightningModule):
         mode = mode or self.model.trained_mode
         out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode)[0]
         return self.codec.decode(out[len(idx) :])
+
+
+def upgrade_checkpoint(path: str) -> Path:
+    """Write <stem>.upgraded.ckpt beside a checkpoint from before `model.config`, with its options nested."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    hparams["config"] = {f.name: hparams.pop(f.name) for f in fields(TSAConfig) if f.name in hparams}
+    target = Path(path).with_suffix(".upgraded.ckpt")
+    torch.save(checkpoint, target)
+    return target
