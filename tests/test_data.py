@@ -226,3 +226,24 @@ def test_real_enwik8_prefix_through_the_byte_pipeline(shared_data):
     assert isinstance(dm.splits["train"], np.memmap)  # bytes are read in place, never copied whole
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [900_000, 50_000, 50_000]
     assert bytes(dm.splits["train"][:10]) == b"<mediawiki"
+
+
+def test_train_loader_resumes_mid_epoch_and_starts_the_next_epoch_afresh(small_corpus):
+    dm = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=4, samples_per_epoch=40)
+    dm.setup()
+    full = [x for x, _ in dm.train_dataloader()]
+    killed = dm.train_dataloader()
+    stream = iter(killed)
+    seen = [next(stream)[0] for _ in range(3)]
+    state = killed.state_dict()
+    assert state == {"epoch": 0, "batches": 3}
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = [x for x, _ in resumed]
+    assert len(seen + rest) == len(full) and all(
+        torch.equal(a, b) for a, b in zip(seen + rest, full, strict=True)
+    )
+    assert resumed.state_dict() == {"epoch": 0, "batches": 10}
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # a checkpoint of an earlier epoch skips nothing in this one
+    assert len(list(resumed)) == 10

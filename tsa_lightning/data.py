@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -123,22 +122,14 @@ class RandomWindowSampler(DistributedSampler):
     """Random window starts: one draw per (seed, epoch) for all ranks, dealt out rank by rank.
 
     Being a DistributedSampler, Lightning neither replaces it under DDP nor forgets set_epoch.
-    `consumed()` tells how many batches of this epoch a resumed run already trained on; they are
-    skipped, so a run killed mid-epoch continues the very stream an uninterrupted run sees.
+    `skip` drops the first starts of the next pass: those a resumed run already trained on.
     """
 
     def __init__(
-        self,
-        dataset: WindowDataset,
-        samples_per_rank: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        batch_size: int = 1,
-        consumed: Callable[[], int] = lambda: 0,
+        self, dataset: WindowDataset, samples_per_rank: int, seed: int, rank: int, world_size: int
     ) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, seed=seed)
-        self.samples_per_rank, self.batch_size, self.consumed = samples_per_rank, batch_size, consumed
+        self.samples_per_rank, self.skip = samples_per_rank, 0
 
     def starts(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -146,10 +137,44 @@ class RandomWindowSampler(DistributedSampler):
         return draws[self.rank :: self.num_replicas]
 
     def __iter__(self):
-        return iter(self.starts()[self.consumed() * self.batch_size :].tolist())
+        skip, self.skip = self.skip, 0
+        return iter(self.starts()[skip:].tolist())
 
     def __len__(self) -> int:
         return self.samples_per_rank  # the whole epoch, also when resuming: Lightning counts on from there
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with its place in the epoch saved in every checkpoint.
+
+    Lightning checkpoints a loader that has state_dict/load_state_dict and restores it on resume,
+    so a run killed mid-epoch skips the batches it already trained on and continues the very stream
+    an uninterrupted run sees. Lightning fetches from a sized loader without prefetching, so a
+    batch handed out is a batch trained on (the SIGKILL test in tests/test_scale.py checks it).
+    """
+
+    sampler: RandomWindowSampler
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch, self.batches = 0, 0  # batches handed out in this epoch
+        self.resume_at: dict | None = None
+
+    def __iter__(self):
+        self.epoch, self.batches = self.sampler.epoch, 0
+        if self.resume_at is not None and self.resume_at["epoch"] == self.epoch:
+            self.batches = self.resume_at["batches"]
+            self.sampler.skip = self.batches * self.batch_size
+        self.resume_at = None
+        for batch in super().__iter__():
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = state
 
 
 class ShardSampler(DistributedSampler):
@@ -368,16 +393,8 @@ class TextDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         total = self.samples_per_epoch or max(1, len(self.splits["train"]) // self.block_size)
         per_rank = max(self.batch_size, total // world)
-        sampler = RandomWindowSampler(
-            dataset, per_rank, self.seed, rank, world, self.batch_size, self._consumed
-        )
-        return self._loader(dataset, sampler, drop_last=True)
-
-    def _consumed(self) -> int:
-        """Batches of the current epoch trained before a resume (0 when an epoch starts normally)."""
-        if self.trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        sampler = RandomWindowSampler(dataset, per_rank, self.seed, rank, world)
+        return self._loader(dataset, sampler, drop_last=True, loader=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -394,8 +411,14 @@ class TextDataModule(L.LightningDataModule):
         dataset = ContiguousWindows(self.splits[name], self.block_size)
         return self._loader(dataset, ShardSampler(dataset, *self._rank_and_world()), drop_last=False)
 
-    def _loader(self, dataset: Dataset, sampler: DistributedSampler, drop_last: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self,
+        dataset: Dataset,
+        sampler: DistributedSampler,
+        drop_last: bool,
+        loader: type[DataLoader] = DataLoader,
+    ) -> DataLoader:
+        return loader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
