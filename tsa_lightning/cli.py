@@ -1,11 +1,13 @@
-"""Command line: LightningCLI for fit / validate / test / predict, plus `sample` from a checkpoint.
+"""Train, score and sample TSA language models: LightningCLI's fit/validate/test/predict, sample, evaluate.
 
 tsa-lightning fit --config configs/shakespeare_cpu.yaml
 tsa-lightning sample --ckpt_path runs/shakespeare_cpu/checkpoints/last.ckpt --prompt "ROMEO:"
+tsa-lightning evaluate --ckpt_path runs/shakespeare_cpu/checkpoints/last.ckpt --data ShakespeareDataModule
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -19,7 +21,7 @@ from jsonargparse import auto_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from tsa_lightning.callbacks import DepthMap, HaltingHistograms, TLOpsMonitor
+from tsa_lightning.callbacks import DepthMap, HaltingHistograms, PredictionWriter, TLOpsMonitor
 from tsa_lightning.data import CorpusError, TextDataModule
 from tsa_lightning.evaluation import (
     DEFAULT_THRESHOLDS,
@@ -53,6 +55,7 @@ class TSALightningCLI(LightningCLI):
         parser.add_lightning_class_args(HaltingHistograms, "halting_histograms")
         parser.add_lightning_class_args(TLOpsMonitor, "tlops_monitor")
         parser.add_lightning_class_args(DepthMap, "depth_map")
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -234,9 +237,22 @@ def evaluate(
 SUBCOMMANDS = {"sample": sample, "evaluate": evaluate}
 
 
+def overview() -> argparse.ArgumentParser:
+    """`tsa-lightning --help`: every subcommand, Lightning's and ours; each has its own --help."""
+    parser = argparse.ArgumentParser(prog="tsa-lightning", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND", required=True)
+    functions = {name: getattr(L.Trainer, name) for name in LightningCLI.subcommands()} | SUBCOMMANDS
+    for name, function in functions.items():
+        first_sentence = " ".join(function.__doc__.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+        commands.add_parser(name, help=first_sentence)
+    return parser
+
+
 def main(args: list[str] | None = None) -> None:
     """Bad input ends in one line that says what to fix; TSA_TRACEBACK=1 shows the traceback instead."""
     argv = sys.argv[1:] if args is None else args
+    if not argv or argv[0] in ("-h", "--help"):
+        overview().parse_args(argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             auto_cli(SUBCOMMANDS[argv[0]], args=argv[1:])
