@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import REPO, write_corpus
 from tsa_lightning.cli import main, sample
-from tsa_lightning.data import SHAKESPEARE_ALPHABET
+from tsa_lightning.corpus import SHAKESPEARE_ALPHABET
 from tsa_lightning.module import upgrade_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tsa_lightning.callbacks import DepthMap, HaltingHistograms, PredictionWriter, TLOpsMonitor
-from tsa_lightning.data import CorpusError, TextDataModule
+from tsa_lightning.corpus import CorpusError
+from tsa_lightning.data import TextDataModule
 from tsa_lightning.evaluation import (
     DEFAULT_THRESHOLDS,
     MAX_THRESHOLD,

@@ -13,7 +13,8 @@ from torchmetrics import MeanMetric, Metric
 
 from tsa_lightning.accounting import ComputeReport, summarize, tally
 from tsa_lightning.baselines import build_model
-from tsa_lightning.data import IGNORE_INDEX, Codec
+from tsa_lightning.corpus import Codec
+from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import Mode, Routing, TSAConfig
 
