@@ -31,7 +31,7 @@ import torch
 
 from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.data import ShakespeareDataModule
-from tsa_lightning.evaluation import plot_curves, score, sweep
+from tsa_lightning.evaluation import plot_curves, sweep
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
@@ -90,15 +90,16 @@ def train(
     data = ShakespeareDataModule(data_dir=data_dir, seed=seed, **shape["data"])
     depth_loss = overrides.get("depth_loss_weight", 0.0)
     model_args = {k: v for k, v in overrides.items() if k != "depth_loss_weight"}
+    config = TSAConfig(
+        vocab_size=data.vocab_size, block_size=shape["data"]["block_size"], **{**shape["model"], **model_args}
+    )
     model = TSALanguageModel(
-        vocab_size=data.vocab_size,
+        config,
         alphabet=data.alphabet,
-        block_size=shape["data"]["block_size"],
         learning_rate=shape["learning_rate"],
         min_learning_rate=shape["learning_rate"] / 10,
         warmup_steps=100,
         depth_loss_weight=depth_loss,
-        **{**shape["model"], **model_args},
     )
     trainer = L.Trainer(
         max_steps=shape["steps"],
@@ -171,8 +172,8 @@ def main() -> None:
 
     results: dict = {"date": str(date.today()), "shape": shape, "seeds": args.seeds, "runs": {}}
     # the control: an untrained TSA router scored by the paper's formula
-    init = TSALanguageModel(vocab_size=65, block_size=shape["data"]["block_size"], **shape["model"]).model
-    control = score(init, test, "hard")
+    init = TSALanguageModel(TSAConfig(block_size=shape["data"]["block_size"], **shape["model"])).model
+    control = sweep(init, test, [init.config.skip_threshold])["points"][0]
     results["runs"]["tsa_router_at_init"] = [
         {"seed": 0, "bpc": control["bpc"], "executed_tlops_saved": control["executed_tlops_saved"],
          "flops_saved": control["flops_saved"], "paper_tlops_saved": control["paper_tlops_saved"]}

@@ -16,6 +16,7 @@ import time
 import lightning as L
 
 from tsa_lightning.data import ShakespeareDataModule
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 BASE = {
@@ -39,9 +40,10 @@ def main() -> None:
     args = parser.parse_args()
     L.seed_everything(0, verbose=False)
     data = ShakespeareDataModule(data_dir=args.data_dir, block_size=64, batch_size=32)
-    model = TSALanguageModel(
-        vocab_size=data.vocab_size, block_size=64, warmup_steps=50, **{**BASE, **args.overrides}
-    )
+    options = {**BASE, **args.overrides}
+    architecture = {k: options.pop(k) for k in list(options) if k in TSAConfig.__dataclass_fields__}
+    config = TSAConfig(vocab_size=data.vocab_size, block_size=64, **architecture)
+    model = TSALanguageModel(config, warmup_steps=50, **options)
     trainer = L.Trainer(
         max_steps=args.steps,
         logger=False,

@@ -4,7 +4,7 @@ from torch.nn import functional as F
 
 from tests.test_model import TINY, tokens
 from tsa_lightning import TSAConfig
-from tsa_lightning.accounting import forward_flops, routing_flops_per_token
+from tsa_lightning.accounting import forward_flops
 from tsa_lightning.baselines import EarlyExitTransformer, MixtureOfDepthsTransformer, build_model
 
 
@@ -127,7 +127,7 @@ def test_mod_predictor_learns_from_bce_and_does_not_steer_the_trunk():
 def test_routing_flops_and_overhead():
     ee, mod = make("early_exit"), make("mod", mod_every=1)
     C, V, L = TINY["n_embd"], TINY["vocab_size"], TINY["n_layer"]
-    assert routing_flops_per_token(ee.config) == (L - 1) * 2 * C * V
+    assert ee.routing_flops_per_token(ee.config) == (L - 1) * 2 * C * V
     assert ee.router_overhead() == 0.0 and mod.router_overhead() > 0.0
     executed = torch.ones(1, 4, L, dtype=torch.bool)
     dense = forward_flops(TSAConfig(**{**TINY, "routing": "none"}), executed)

@@ -1,5 +1,6 @@
 """The user's main job end to end, through the real command line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,12 +8,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import REPO, write_corpus
 from tsa_lightning.cli import main, sample
-from tsa_lightning.data import SHAKESPEARE_ALPHABET
+from tsa_lightning.corpus import SHAKESPEARE_ALPHABET
+from tsa_lightning.module import upgrade_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
@@ -151,6 +154,25 @@ def test_predict_reports_tokens_and_depths(trained_run):
         cwd=trained_run,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    written = list((trained_run / "runs/cpu").glob("version_*/predictions.jsonl"))
+    assert len(written) == 1
+    lines = [json.loads(line) for line in written[0].read_text().splitlines()]
+    data = yaml.safe_load((trained_run / "runs/cpu/version_0/config.yaml").read_text())["data"]["init_args"]
+    assert len(lines) == 2 * data["batch_size"] and [line["window"] for line in lines] == list(
+        range(len(lines))
+    )
+    for line in lines:
+        assert len(line["text"]) == len(line["next"]) == len(line["blocks_run"]) == data["block_size"]
+        assert set(line["next"]) <= set(SHAKESPEARE_ALPHABET) and min(line["blocks_run"]) >= 1
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", "sample", "evaluate"):
+        assert f"    {name} " in printed, name
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
@@ -168,3 +190,36 @@ def test_sample_command_line(trained_run):
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout) >= 25
+    assert "hard mode, KV-cache decoding" in result.stderr  # the CPU config trains a straight-through gate
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--temperature=-1", "--temperature must be >= 0"),
+        ("--top_k=0", "--top_k must be >= 1"),
+        ("--max_new_tokens=0", "--max_new_tokens must be >= 1"),
+        ("--threshold=1.5", "--threshold must be in [0, 1.01]"),
+    ],
+)
+def test_sample_refuses_bad_arguments_in_one_line(trained_run, flag, message):
+    ckpt = str(trained_run / "runs/cpu/checkpoints/last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", f"--ckpt_path={ckpt}", flag])
+    assert str(exit_info.value.code).startswith(f"error: {message}")
+
+
+def test_a_checkpoint_from_before_model_config_is_refused_then_converted(trained_run, tmp_path, capsys):
+    checkpoint = torch.load(trained_run / "runs/cpu/checkpoints/last.ckpt", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    hparams.update(hparams.pop("config"))  # the flat layout of earlier versions
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    for command in ("sample", "validate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, f"--ckpt_path={old}"])
+        message = str(exit_info.value.code)
+        assert "predates model.config" in message and "upgrade_checkpoint" in message and "\n" not in message
+    converted = upgrade_checkpoint(str(old))
+    assert converted.name == "old.upgraded.ckpt"
+    assert len(sample(str(converted), prompt="ROMEO:", max_new_tokens=5)) == 5

@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import write_corpus
+from tsa_lightning.corpus import SHAKESPEARE_ALPHABET, Codec, CorpusError
 from tsa_lightning.data import (
     IGNORE_INDEX,
-    SHAKESPEARE_ALPHABET,
-    Codec,
     ContiguousWindows,
-    CorpusError,
     Enwik8DataModule,
     RandomWindowSampler,
     ShakespeareDataModule,
@@ -37,7 +35,7 @@ def test_splits_are_contiguous_disjoint_and_complete(small_corpus, level, split)
     dm.setup()
     parts = [dm.splits[name] for name in ("train", "val", "test") if name in dm.splits]
     whole = np.concatenate(parts)
-    assert np.array_equal(whole, dm._tokens())
+    assert np.array_equal(whole, dm.corpus.tokens())
     n = len(whole)
     assert len(dm.splits["train"]) == int(n * split[0])
     assert len(dm.splits["val"]) == int(n * split[1])
@@ -116,7 +114,7 @@ def test_char_vocabulary_needs_the_file(tmp_path):
 
 def test_shakespeare_offline_error_names_the_expected_path(tmp_path):
     dm = ShakespeareDataModule(data_dir=str(tmp_path))
-    dm.url = "http://127.0.0.1:9/input.txt"  # never the real address from a test
+    dm.corpus.url = "http://127.0.0.1:9/input.txt"  # never the real address from a test
     with pytest.raises(CorpusError, match=str(tmp_path / "tinyshakespeare" / "input.txt")):
         dm.prepare_data()
 
@@ -149,7 +147,7 @@ def test_folder_corpus_concatenates_files_in_name_order(tmp_path):
     (tmp_path / "a.txt").write_text("hello\n" * 50)
     dm = TextDataModule(str(tmp_path), level="byte", block_size=8)
     dm.setup()
-    assert bytes(dm._tokens()[:6]) == b"hello\n" and bytes(dm._tokens()[-6:]) == b"world\n"
+    assert bytes(dm.corpus.tokens()[:6]) == b"hello\n" and bytes(dm.corpus.tokens()[-6:]) == b"world\n"
     with pytest.raises(CorpusError, match="single file"):
         TextDataModule(str(tmp_path), level="byte", block_size=8, sha256="0" * 64).setup()
 
@@ -226,3 +224,24 @@ def test_real_enwik8_prefix_through_the_byte_pipeline(shared_data):
     assert isinstance(dm.splits["train"], np.memmap)  # bytes are read in place, never copied whole
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [900_000, 50_000, 50_000]
     assert bytes(dm.splits["train"][:10]) == b"<mediawiki"
+
+
+def test_train_loader_resumes_mid_epoch_and_starts_the_next_epoch_afresh(small_corpus):
+    dm = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=4, samples_per_epoch=40)
+    dm.setup()
+    full = [x for x, _ in dm.train_dataloader()]
+    killed = dm.train_dataloader()
+    stream = iter(killed)
+    seen = [next(stream)[0] for _ in range(3)]
+    state = killed.state_dict()
+    assert state == {"epoch": 0, "batches": 3}
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = [x for x, _ in resumed]
+    assert len(seen + rest) == len(full) and all(
+        torch.equal(a, b) for a, b in zip(seen + rest, full, strict=True)
+    )
+    assert resumed.state_dict() == {"epoch": 0, "batches": 10}
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # a checkpoint of an earlier epoch skips nothing in this one
+    assert len(list(resumed)) == 10

@@ -1,10 +1,19 @@
 import json
+import math
+import re
 
 import lightning as L
 import pytest
+import torch
 
+from tests.conftest import write_corpus
+from tests.test_baselines import spread_predictors
+from tests.test_model import spread_routers
+from tsa_lightning.accounting import summarize, tally
 from tsa_lightning.cli import evaluate
-from tsa_lightning.data import TextDataModule
+from tsa_lightning.data import IGNORE_INDEX, TextDataModule
+from tsa_lightning.evaluation import sweep
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 FIELDS = {"threshold", "bpc", "executed_fraction", "executed_tlops_saved", "flops_saved", "paper_tlops_saved"}
@@ -14,18 +23,18 @@ def tiny_run(tmp_path, corpus, routing: str) -> str:
     """Four training steps of a tiny model on a generated corpus; returns the checkpoint path."""
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), level="char", block_size=16, batch_size=8, samples_per_epoch=64)
-    model = TSALanguageModel(
+    config = TSAConfig(
         vocab_size=data.vocab_size,
-        alphabet=data.alphabet,
         block_size=16,
         n_layer=3,
         n_head=2,
         n_embd=16,
+        dropout=0.1,
         routing=routing,
         mod_every=1,
         mod_capacity=0.5,
-        warmup_steps=1,
     )
+    model = TSALanguageModel(config, alphabet=data.alphabet, warmup_steps=1)
     trainer = L.Trainer(
         max_steps=4,
         logger=False,
@@ -48,7 +57,7 @@ def test_evaluate_writes_every_field_and_is_monotone(tmp_path, small_corpus, rou
     result = evaluate(ckpt, data, split="val", out_dir=str(out), limit_batches=3)
     for suffix in ("json", "md", "png"):
         assert (out / f"{routing}.{suffix}").stat().st_size > 0
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard" / routing).glob("events.out.tfevents.*"))
     saved = json.loads((out / f"{routing}.json").read_text())
     assert saved["routing"] == routing and saved["soft_bpc"] > 0
     points = saved["points"]
@@ -63,3 +72,57 @@ def test_evaluate_writes_every_field_and_is_monotone(tmp_path, small_corpus, rou
     assert result["points"] == points
     with pytest.raises(SystemExit, match="exists"):  # never overwrite an earlier evaluation
         evaluate(ckpt, data, split="val", out_dir=str(out), limit_batches=3)
+
+
+@torch.no_grad()
+def plain_loop(model, loader, mode: str, threshold: float | None = None) -> dict:
+    """The scoring loop `evaluate` ran outside Lightning before: the numbers the sweep must reproduce."""
+    model.eval()
+    nats, count, sums = 0.0, 0, None
+    for x, y in loader:
+        _, loss, routing = model(x, y, mode=mode, threshold=threshold)
+        n = int((y != IGNORE_INDEX).sum())
+        nats, count = nats + loss.item() * n, count + n
+        batch = tally(model.config, routing)
+        sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
+    return {"bpc": nats / count / math.log(2), "targets": count, "report": summarize(model.config, sums)}
+
+
+@pytest.mark.parametrize("routing", ["tsa", "mod"])
+def test_sweep_through_lightning_equals_the_plain_loop(tmp_path, small_corpus, routing):
+    module = TSALanguageModel.load_from_checkpoint(tiny_run(tmp_path, small_corpus, routing))
+    (spread_routers if routing == "tsa" else spread_predictors)(module.model)  # a real mix of decisions
+    data = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=8)
+    data.setup("test")
+    thresholds = [0.0, 0.3, 0.5, 0.7, 1.01]
+    result = sweep(module.model, data, thresholds, split="val")
+    soft = plain_loop(module.model, data.val_dataloader(), "soft")
+    assert result["soft_bpc"] == pytest.approx(soft["bpc"], rel=1e-12)
+    assert result["targets"] == soft["targets"] == len(data.splits["val"]) - 1
+    for threshold, point in zip(thresholds, result["points"], strict=True):
+        hard = plain_loop(module.model, data.val_dataloader(), "hard", threshold)
+        assert point["bpc"] == pytest.approx(hard["bpc"], rel=1e-12)
+        assert point["executed_fraction"] == pytest.approx(hard["report"].executed_fraction, rel=1e-12)
+        assert point["flops_saved"] == pytest.approx(hard["report"].flops_saved, rel=1e-12)
+        assert point["paper_tlops_saved"] == pytest.approx(soft["report"].paper_tlops_saved, rel=1e-12)
+    stem_only = 1 / module.config.n_layer
+    assert any(stem_only < p["executed_fraction"] < 1 for p in result["points"])  # real, mixed skipping
+
+
+def test_evaluate_checks_its_arguments_and_outputs_before_any_work(tmp_path, small_corpus):
+    ckpt = tiny_run(tmp_path, small_corpus, "tsa")
+    data = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=8)
+    for kwargs, message in [
+        ({"limit_batches": 0}, "--limit_batches must be >= 1"),
+        ({"thresholds": [0.5, 2.0]}, "--thresholds must be in [0, 1.01]"),
+        ({"split": "train"}, "--split must be 'val' or 'test'"),
+    ]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            evaluate(ckpt, data, out_dir=str(tmp_path / "eval"), **kwargs)
+    (tmp_path / "eval" / "tensorboard" / "tsa").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="tensorboard/tsa exists"):
+        evaluate(ckpt, data, out_dir=str(tmp_path / "eval"))
+    other = TextDataModule(str(write_corpus(tmp_path / "other.txt", alphabet="xyz\n")), block_size=16)
+    with pytest.raises(SystemExit, match=r"vocabulary is 10 characters .* the data's is 4 characters"):
+        evaluate(ckpt, other, out_dir=str(tmp_path / "eval2"))
+    assert not (tmp_path / "eval2").exists()

@@ -3,7 +3,7 @@ import torch
 
 from tests.test_baselines import make, spread_predictors
 from tests.test_model import TINY, spread_routers
-from tsa_lightning.inference import KVCache, decode_step, generate_cached
+from tsa_lightning.inference import generate_cached
 
 
 def prompts_of_lengths(*lengths: int) -> list[torch.Tensor]:
@@ -38,19 +38,40 @@ def test_cached_greedy_equals_full_recompute(routing, threshold):
 def test_cached_decoding_really_skips():
     """Guards the equality test: with these routers, decoding skips a real share of blocks."""
     model = trained_like("tsa")
-    cache = KVCache(model, 2, 16, model.wte.weight)
-    start = torch.zeros(2, dtype=torch.long)
+    model.set_kv_cache(2, 16)
     executed = [
-        decode_step(model, cache, torch.tensor([t % 11, (3 * t) % 11]), t, start, 0.5)[1] for t in range(16)
+        model(torch.tensor([[t % 11], [(3 * t) % 11]]), mode="hard", threshold=0.5, input_pos=t)[2].executed
+        for t in range(16)
     ]
+    model.clear_kv_cache()
     share = torch.stack(executed)[..., 1:].float().mean()
     assert 0.1 < share < 0.9
 
 
-def test_cached_generation_refuses_more_than_block_size():
+@pytest.mark.parametrize("routing", ["tsa", "early_exit", "mod"])
+def test_cached_forward_equals_the_full_forward(routing):
+    """Prefill, then one token at a time through the cache: the logits of the full hard forward."""
+    model = trained_like(routing)
+    idx = prompts_of_lengths(16)[0][None].repeat(2, 1)
+    threshold = 0.5 if routing != "early_exit" else 0.12
+    full, _, routing_full = model(idx, mode="hard", threshold=threshold)
+    model.set_kv_cache(2, 16)
+    steps = [model(idx[:, :5], mode="hard", threshold=threshold, input_pos=0)]
+    steps += [model(idx[:, t : t + 1], mode="hard", threshold=threshold, input_pos=t) for t in range(5, 16)]
+    model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat([s[0] for s in steps], dim=1), full)
+    assert torch.equal(torch.cat([s[2].executed for s in steps], dim=1), routing_full.executed)
+
+
+def test_cached_generation_slides_past_block_size():
+    """Past block_size the cache is refilled from the last half window; the first tokens are exact."""
     model = trained_like("tsa")
-    with pytest.raises(ValueError, match="block_size"):
-        generate_cached(model, prompts_of_lengths(10), max_new_tokens=10)
+    prompt = prompts_of_lengths(10)
+    out = generate_cached(model, prompt, max_new_tokens=30, temperature=0)[0]
+    assert len(out) == 40 and int(out.max()) < TINY["vocab_size"]
+    model.config.skip_threshold = 0.5
+    expected = model.generate(prompt[0][None], max_new_tokens=6, temperature=0, mode="hard")[0]
+    assert torch.equal(out[:16], expected)
 
 
 def test_sampling_with_cache_stays_in_vocabulary():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.test_model import tokens
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 TINY = {"vocab_size": 11, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16, "dropout": 0.0}
@@ -11,17 +12,19 @@ TINY = {"vocab_size": 11, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd":
 
 def test_compiled_training_forward_matches_eager():
     torch.manual_seed(0)
-    module = TSALanguageModel(**TINY, gate="straight_through", compile=True)
+    module = TSALanguageModel(TSAConfig(**TINY, gate="straight_through"), compile=True)
     idx = tokens()
     compiled = module.train_forward(idx, idx)
     eager = module.model(idx, idx)
     torch.testing.assert_close(compiled[1], eager[1])
     torch.testing.assert_close(compiled[2].halt_probs, eager[2].halt_probs)
-    assert set(module.state_dict()) == set(TSALanguageModel(**TINY).state_dict())  # one copy of the weights
+    assert set(module.state_dict()) == set(
+        TSALanguageModel(TSAConfig(**TINY)).state_dict()
+    )  # one copy of the weights
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    module = TSALanguageModel(**TINY, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10)
+    module = TSALanguageModel(TSAConfig(**TINY), learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10)
     module.trainer = type("T", (), {"max_steps": 110})()
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -38,12 +41,12 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 def test_alphabet_must_match_vocab_size():
     with pytest.raises(ValueError, match="alphabet has 3 characters but vocab_size is 11"):
-        TSALanguageModel(**TINY, alphabet="abc")
+        TSALanguageModel(TSAConfig(**TINY), alphabet="abc")
 
 
 def test_predict_step_gives_tokens_and_blocks_run():
     torch.manual_seed(0)
-    module = TSALanguageModel(**TINY).eval()
+    module = TSALanguageModel(TSAConfig(**TINY)).eval()
     idx = tokens(B=2, T=16)
     out = module.predict_step((idx, idx), 0)
     assert out["next_token"].shape == (2, 16) and int(out["next_token"].max()) < TINY["vocab_size"]

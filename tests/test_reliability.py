@@ -251,11 +251,11 @@ def test_fit_validate_and_sample_in_every_precision_with_routers_that_skip(
     small_corpus, tmp_path, routing, accelerator, precision, capsys
 ):
     run = tmp_path / "runs" / "shakespeare_cpu"
-    extra = ["--model.mod_every=1"] if routing == "mod" else []
+    extra = ["--model.config.mod_every=1"] if routing == "mod" else []
     args = fit_on(
         small_corpus,
         tmp_path,
-        f"--model.routing={routing}",
+        f"--model.config.routing={routing}",
         f"--trainer.accelerator={accelerator}",
         f"--trainer.precision={precision}",
         "--trainer.val_check_interval=2",

@@ -8,10 +8,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tests.conftest import REPO, write_corpus
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 CPU_CONFIG = str(REPO / "configs" / "shakespeare_cpu.yaml")
-TINY_MODEL = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=16"]
+TINY_MODEL = ["--model.config.n_layer=2", "--model.config.n_head=2", "--model.config.n_embd=16"]
 
 
 def cli_error(*args: str) -> str:
@@ -38,7 +39,7 @@ def fit_on(path, tmp_path, *extra: str) -> list[str]:
 
 
 def test_unknown_config_key(small_corpus, tmp_path):
-    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.n_embdd=32"))
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.config.n_embdd=32"))
     assert "n_embdd" in message and "--help" in message
 
 
@@ -50,12 +51,14 @@ def test_unknown_key_in_a_config_file(small_corpus, tmp_path):
 
 
 def test_wrong_type(small_corpus, tmp_path):
-    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.n_layer=many"))
-    assert "model.n_layer" in message and "int" in message
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.config.n_layer=many"))
+    assert "model.config.n_layer" in message and "int" in message
 
 
 def test_n_embd_not_divisible_by_n_head(small_corpus, tmp_path):
-    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.n_embd=30", "--model.n_head=4"))
+    message = cli_error(
+        *fit_on(small_corpus, tmp_path, "--model.config.n_embd=30", "--model.config.n_head=4")
+    )
     assert "n_embd (30) must be divisible by" in message and "n_head (4)" in message
 
 
@@ -119,7 +122,9 @@ class PoisonAt(L.Callback):
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path):
     data = TextDataModule(str(small_corpus), block_size=16, batch_size=4, samples_per_epoch=400)
-    model = TSALanguageModel(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    model = TSALanguageModel(
+        TSAConfig(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    )
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
     trainer = L.Trainer(
         max_steps=20,

@@ -13,16 +13,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import REPO
 from tests.test_cli import cli
 from tsa_lightning.data import ContiguousWindows, TextDataModule
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
-TINY = ["--model.n_layer=3", "--model.n_head=2", "--model.n_embd=16", "--model.dropout=0.0"]
+TINY = [
+    "--model.config.n_layer=3",
+    "--model.config.n_head=2",
+    "--model.config.n_embd=16",
+    "--model.config.dropout=0.0",
+]
 
 
 def fit(corpus, strategy: str, devices: int, batch_size: int) -> dict:
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), block_size=16, batch_size=batch_size, samples_per_epoch=128)
     model = TSALanguageModel(
-        vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0
+        TSAConfig(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
     )
     trainer = L.Trainer(
         accelerator="cpu",

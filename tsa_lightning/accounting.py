@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from tsa_lightning.baselines import VARIANTS
 from tsa_lightning.model import Routing, TSAConfig
 
 
@@ -27,7 +28,8 @@ def forward_flops(config: TSAConfig, executed: Tensor) -> float:
     """Analytic forward FLOPs (2 per multiply-add) of one batch, given which token ran which block.
 
     Counted: attention projections, attention scores and weighted values (causal: a token at
-    position t reads t + 1 keys), FFN, routing decisions (for every token), LM head.
+    position t reads t + 1 keys), FFN, routing decisions (for every token; each variant knows
+    its own cost), LM head.
     Not counted: norms, softmax, embeddings.
     Every token's keys and values are computed at every block, run or skipped, because later
     tokens may attend to a skipped token's copied state.
@@ -39,21 +41,8 @@ def forward_flops(config: TSAConfig, executed: Tensor) -> float:
     run = (executed.to(torch.float64) * (kept_cost + attention_cost[None, :, None])).sum().item()
     key_value = 4 * C * C * L
     head = 2 * C * V
-    return run + B * T * (key_value + routing_flops_per_token(config) + head)
-
-
-def routing_flops_per_token(config: TSAConfig) -> int:
-    """What deciding costs: TSA's routers, early exit's tied exit heads, MoD's scorers and predictors."""
-    C, H, L = config.n_embd, config.router_hidden, config.n_layer
-    mlp_router = 2 * H * (C + 1)
-    if config.routing == "tsa":
-        return (L - 1) * mlp_router
-    if config.routing == "early_exit":
-        return (L - 1) * 2 * C * config.vocab_size
-    if config.routing == "mod":
-        routed = sum(1 for i in range(L - 1) if (i + 1) % config.mod_every == 0)
-        return routed * (2 * C + mlp_router)
-    return 0
+    deciding = VARIANTS[config.routing].routing_flops_per_token(config)
+    return run + B * T * (key_value + deciding + head)
 
 
 def dense_twin_flops(config: TSAConfig, batch: int, seq_len: int) -> float:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tsa_lightning.model import Decision, Mode, Router, TSAConfig, TSATransformer
+from tsa_lightning.model import Decision, Mode, Router, Routing, TSAConfig, TSATransformer, router_flops
 
 
 class EarlyExitTransformer(TSATransformer):
@@ -24,17 +24,31 @@ class EarlyExitTransformer(TSATransformer):
     gives the same answer as remembering who left.
     """
 
+    trained_mode: Mode = "hard"
+
     def confidence(self, x: Tensor) -> Tensor:
         return F.softmax(self.lm_head(self.ln_f(x)), dim=-1).amax(dim=-1)
 
     def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
         if mode == "hard":
             confidence = self.confidence(x)
-            return Decision(kept=confidence < threshold, halt=confidence)
+            return Decision(kept=~self.skips(confidence, threshold), halt=confidence)
         if targets is None:
             return Decision()
         logits = self.lm_head(self.ln_f(x))
         return Decision(aux_loss=F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1)))
+
+    def skips(self, halt: Tensor, threshold: float) -> Tensor:
+        """A token leaves once its exit head is confident enough."""
+        return halt >= threshold
+
+    def depth_term(self, routing: Routing) -> Tensor | None:
+        return None  # depth follows from confidence; training averages the exits' losses instead
+
+    @classmethod
+    def routing_flops_per_token(cls, config: TSAConfig) -> int:
+        """The tied exit heads after blocks 0..L-2."""
+        return (config.n_layer - 1) * 2 * config.n_embd * config.vocab_size
 
     def auxiliary_loss(self, loss: Tensor | None, terms: list[Tensor]) -> Tensor | None:
         """Chosen so that loss + aux is the mean over the L exits (the last exit being `loss`)."""
@@ -53,13 +67,28 @@ class MixtureOfDepthsTransformer(TSATransformer):
     (a token runs when its predicted skip probability is <= threshold).
     """
 
+    trained_mode: Mode = "hard"
+
     def __init__(self, config: TSAConfig) -> None:
         super().__init__(config)
-        routed = [str(i) for i in range(config.n_layer - 1) if (i + 1) % config.mod_every == 0]
+        routed = [str(i) for i in self.routed(config)]
         self.scorers = nn.ModuleDict({i: nn.Linear(config.n_embd, 1) for i in routed})
         self.predictors = nn.ModuleDict({i: Router(config) for i in routed})
         self.scorers.apply(self._init_router)
         self.predictors.apply(self._init_router)
+
+    @staticmethod
+    def routed(config: TSAConfig) -> list[int]:
+        """Routers i (deciding block i + 1) that exist: every mod_every-th block is routed."""
+        return [i for i in range(config.n_layer - 1) if (i + 1) % config.mod_every == 0]
+
+    @classmethod
+    def routing_flops_per_token(cls, config: TSAConfig) -> int:
+        """A linear scorer and an MLP predictor per routed block."""
+        return len(cls.routed(config)) * (2 * config.n_embd + router_flops(config))
+
+    def depth_term(self, routing: Routing) -> Tensor | None:
+        return None  # capacity fixes the depth; the predictor trains through the auxiliary loss
 
     def capacity(self, seq_len: int) -> int:
         return max(1, round(self.config.mod_capacity * seq_len))
@@ -71,7 +100,7 @@ class MixtureOfDepthsTransformer(TSATransformer):
         skip_logit = self.predictors[str(i)].logit(x.detach())  # the predictor never steers the trunk
         skip = torch.sigmoid(skip_logit)
         if mode == "hard":
-            return Decision(keep=weight, kept=skip <= threshold, halt=skip)
+            return Decision(keep=weight, kept=~self.skips(skip, threshold), halt=skip)
         top = weight.squeeze(-1).topk(self.capacity(x.size(1)), dim=-1).indices
         kept = torch.zeros_like(skip, dtype=torch.bool).scatter(1, top, True)
         # from logits: safe under autocast and in any dtype
@@ -81,10 +110,14 @@ class MixtureOfDepthsTransformer(TSATransformer):
         )
 
 
+VARIANTS: dict[str, type[TSATransformer]] = {
+    "none": TSATransformer,
+    "tsa": TSATransformer,
+    "early_exit": EarlyExitTransformer,
+    "mod": MixtureOfDepthsTransformer,
+}
+
+
 def build_model(config: TSAConfig) -> TSATransformer:
     """The model class that `config.routing` names."""
-    if config.routing == "early_exit":
-        return EarlyExitTransformer(config)
-    if config.routing == "mod":
-        return MixtureOfDepthsTransformer(config)
-    return TSATransformer(config)
+    return VARIANTS[config.routing](config)

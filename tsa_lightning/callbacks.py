@@ -6,9 +6,13 @@ before rank 0 writes them (the TensorBoard experiment is a no-op elsewhere).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -94,7 +98,7 @@ class TLOpsMonitor(L.Callback):
         halts = outputs.get("halt_probs") if isinstance(outputs, dict) else None
         if halts is None or trainer.global_step % self.every_n_steps:
             return
-        executed = halts <= pl_module.config.skip_threshold
+        executed = ~pl_module.model.skips(halts, pl_module.config.skip_threshold)
         per_layer = trainer.strategy.reduce(executed.float().mean(dim=(0, 1)), reduce_op="mean")
         metrics = {f"tlops/train/executed_layer_{i + 1}": v for i, v in enumerate(per_layer.tolist())}
         metrics["tlops/train/would_save_executed"] = (
@@ -178,3 +182,39 @@ class DepthMap(L.Callback):
             f"blocks run per character (hard mode, mean {sum(depths) / len(depths):.2f} of {n_layer})"
         )
         return figure
+
+
+class PredictionWriter(BasePredictionWriter):
+    """`predict`'s output as JSON lines in the run folder: per window, its text, the greedy next
+    character at every position, and how many blocks each token ran in hard mode."""
+
+    def __init__(self, filename: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.filename = filename
+
+    def path(self, trainer: L.Trainer) -> Path:
+        name = self.filename if trainer.world_size == 1 else f"rank{trainer.global_rank}_{self.filename}"
+        return Path(trainer.log_dir or ".") / name
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        path = self.path(trainer)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; predict writes a new file (choose another run version)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        windows = batch_indices or range(len(batch[0]))
+        with open(self.path(trainer), "a") as f:
+            for window, x, next_token, blocks_run in zip(
+                windows, batch[0], prediction["next_token"], prediction["blocks_run"], strict=True
+            ):
+                line = {
+                    "window": int(window),
+                    "text": pl_module.codec.decode(x),
+                    "next": pl_module.codec.decode(next_token),
+                    "blocks_run": blocks_run.tolist(),
+                }
+                f.write(json.dumps(line) + "\n")

@@ -11,58 +11,106 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import lightning as L
 import matplotlib.pyplot as plt
 import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
+from torchmetrics import Metric, SumMetric
 
-from tsa_lightning.accounting import summarize, tally
 from tsa_lightning.data import IGNORE_INDEX
-from tsa_lightning.model import TSATransformer
+from tsa_lightning.model import Mode, TSATransformer
+from tsa_lightning.module import ComputeMetric
 
-DEFAULT_THRESHOLDS = [round(i / 20, 2) for i in range(21)] + [1.01]
-
-
-@torch.no_grad()
-def score(model: TSATransformer, loader: DataLoader, mode: str, threshold: float | None = None) -> dict:
-    """Bits per token over every target of the loader, with the compute accounting of that pass."""
-    model.eval()
-    device = next(model.parameters()).device
-    nats, count, sums = 0.0, 0, None
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        _, loss, routing = model(x, y, mode=mode, threshold=threshold)
-        n = int((y != IGNORE_INDEX).sum())
-        nats, count = nats + loss.item() * n, count + n
-        batch = tally(model.config, routing)
-        sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
-    report = summarize(model.config, sums)
-    return {"bpc": nats / count / math.log(2), "targets": count, **asdict(report)}
+MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever skipped
+DEFAULT_THRESHOLDS = [round(i / 20, 2) for i in range(21)] + [MAX_THRESHOLD]
 
 
-def sweep(model: TSATransformer, loader: DataLoader, thresholds: list[float]) -> dict:
-    """The soft model once (the paper's view), then hard mode at every threshold."""
-    soft = score(model, loader, "soft")
-    points = []
-    for threshold in thresholds:
-        hard = score(model, loader, "hard", threshold)
-        points.append(
-            {
-                "threshold": threshold,
-                "bpc": hard["bpc"],
-                "executed_fraction": hard["executed_fraction"],
-                "executed_tlops_saved": hard["executed_tlops_saved"],
-                "flops_saved": hard["flops_saved"],
-                "paper_tlops_saved": soft["paper_tlops_saved"],
-                "executed_per_layer": hard["executed_per_layer"],
-            }
-        )
-    return {
-        "routing": model.config.routing,
-        "soft_bpc": soft["bpc"],
-        "targets": soft["targets"],
-        "points": points,
-    }
+class ThresholdSweep(L.LightningModule):
+    """One pass over a split: the soft model once, then hard mode at every threshold, batch by batch.
+
+    Run by a Trainer (`sweep`), so it uses the accelerator, devices and precision given; the sums are
+    torchmetrics states, which add up over batches and DDP ranks before anything is divided.
+    """
+
+    def __init__(self, model: TSATransformer, thresholds: list[float]) -> None:
+        super().__init__()
+        self.model, self.thresholds = model, thresholds
+        self.runs: list[tuple[Mode, float | None]] = [("soft", None)] + [("hard", t) for t in thresholds]
+        self.nats = nn.ModuleList(SumMetric() for _ in self.runs)
+        self.targets = SumMetric()
+        self.compute = nn.ModuleList(ComputeMetric(model.config) for _ in self.runs)
+        self.result: dict = {}
+
+    def on_test_start(self) -> None:
+        """Sum in float64, as a plain loop over the batches does; the Trainer cast states to its precision."""
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.set_dtype(torch.float64)
+
+    on_validation_start = on_test_start
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        n = (y != IGNORE_INDEX).sum()
+        self.targets.update(n)
+        for (mode, threshold), nats, compute in zip(self.runs, self.nats, self.compute, strict=True):
+            _, loss, routing = self.model(x, y, mode=mode, threshold=threshold)
+            nats.update(loss.double() * n)
+            compute.update(routing)
+
+    validation_step = test_step
+
+    def on_test_epoch_end(self) -> None:
+        count = self.targets.compute().item()
+        scores = [
+            {"bpc": nats.compute().item() / count / math.log(2), **asdict(compute.compute())}
+            for nats, compute in zip(self.nats, self.compute, strict=True)
+        ]
+        soft = scores[0]
+        self.result = {
+            "routing": self.model.config.routing,
+            "soft_bpc": soft["bpc"],
+            "targets": int(count),
+            "points": [
+                {
+                    "threshold": threshold,
+                    "bpc": hard["bpc"],
+                    "executed_fraction": hard["executed_fraction"],
+                    "executed_tlops_saved": hard["executed_tlops_saved"],
+                    "flops_saved": hard["flops_saved"],
+                    "paper_tlops_saved": soft["paper_tlops_saved"],
+                    "executed_per_layer": hard["executed_per_layer"],
+                }
+                for threshold, hard in zip(self.thresholds, scores[1:], strict=True)
+            ],
+        }
+
+    on_validation_epoch_end = on_test_epoch_end
+
+
+def sweep(
+    model: TSATransformer,
+    data: L.LightningDataModule | DataLoader,
+    thresholds: list[float],
+    split: str = "test",
+    trainer: L.Trainer | None = None,
+) -> dict:
+    """Soft bpc, and hard-mode bpc and executed compute at every threshold, over a split of `data`.
+
+    A DataModule is scored on `split`; a DataLoader as it is. The default Trainer is a quiet one.
+    """
+    trainer = trainer or L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    module = ThresholdSweep(model, thresholds)
+    run = trainer.test if split == "test" else trainer.validate
+    if isinstance(data, L.LightningDataModule):
+        run(module, datamodule=data, verbose=False)
+    else:
+        run(module, dataloaders=data, verbose=False)
+    return module.result
 
 
 def markdown_table(result: dict) -> str:
@@ -96,13 +144,20 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> N
     plt.close(figure)
 
 
+def output_paths(out_dir: Path, name: str) -> list[Path]:
+    """Everything `write_outputs` creates: checked before any work, never overwritten."""
+    return [out_dir / f"{name}.{suffix}" for suffix in ("json", "md", "png")] + [
+        out_dir / "tensorboard" / name
+    ]
+
+
 def write_outputs(result: dict, out_dir: Path, name: str) -> None:
-    """JSON, markdown, PNG and TensorBoard, side by side in out_dir."""
+    """JSON, markdown, PNG and TensorBoard (tensorboard/<name>/), side by side in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out_dir / f"{name}.md").write_text(markdown_table(result))
     plot_curves({name: result["points"]}, out_dir / f"{name}.png", title=name)
-    with SummaryWriter(str(out_dir / "tensorboard")) as writer:
+    with SummaryWriter(str(out_dir / "tensorboard" / name)) as writer:
         for i, p in enumerate(result["points"]):
             for key in ("bpc", "executed_tlops_saved", "flops_saved", "threshold"):
                 writer.add_scalar(f"sweep/{name}/{key}", p[key], global_step=i)

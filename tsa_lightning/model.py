@@ -13,8 +13,8 @@ initialisation, same code path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -24,42 +24,47 @@ from torch.nn import functional as F
 Mode = Literal["soft", "hard"]
 
 
+def shape(default):
+    """A field that fixes the weights: a checkpoint must agree on it to be loaded."""
+    return field(default=default, metadata={"shape": True})
+
+
 @dataclass
 class TSAConfig:
-    """The network (nanoGPT's names) and its routing; invalid values raise ValueError naming the field."""
+    """The network (nanoGPT's names) and its routing; invalid values raise ValueError naming the field.
 
-    vocab_size: int = 65
-    block_size: int = 128
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 256
-    ffn_hidden: int | None = None  # default 4 * n_embd
+    The one definition of the architecture: the CLI's `model.config` options, the checkpoint's
+    hyperparameters and the checkpoint compatibility check (the `shape` fields) all come from here.
+    """
+
+    vocab_size: int = shape(65)
+    block_size: int = shape(128)
+    n_layer: int = shape(6)
+    n_head: int = shape(8)
+    n_embd: int = shape(256)
+    ffn_hidden: int | None = shape(None)  # default 4 * n_embd
     dropout: float = 0.0
-    bias: bool = True
-    routing: Literal["none", "tsa", "early_exit", "mod"] = "tsa"  # "none" is the dense twin
-    router_hidden: int | None = None  # default max(16, n_embd // 4), as published
+    bias: bool = shape(True)
+    routing: Literal["none", "tsa", "early_exit", "mod"] = shape("tsa")  # "none" is the dense twin
+    router_hidden: int | None = shape(None)  # default max(16, n_embd // 4), as published
     router_bias_init: float = -1.0  # sigmoid(-1) ~ 0.27: every token starts mostly kept
     skip_threshold: float = 0.5  # hard mode skips a block when p > skip_threshold
     gate: Literal["soft", "straight_through"] = "soft"  # how training applies the router (see route)
     mod_capacity: float = 0.125  # Mixture-of-Depths baseline: share of each sequence a routed block runs
-    mod_every: int = 2  # Mixture-of-Depths baseline: route every mod_every-th block
+    mod_every: int = shape(2)  # Mixture-of-Depths baseline: route every mod_every-th block
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.n_embd
         if self.router_hidden is None:
             self.router_hidden = max(16, self.n_embd // 4)
-        for name in (
-            "vocab_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "ffn_hidden",
-            "router_hidden",
-        ):
+        for name, kind in get_type_hints(TSAConfig).items():  # the choices are the annotations' own
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if get_origin(kind) is Literal and value not in get_args(kind):
+                raise ValueError(f"TSAConfig.{name} must be one of {get_args(kind)}, got {value!r}")
+            if kind in (int, int | None) and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
                 raise ValueError(f"TSAConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(
@@ -69,18 +74,20 @@ class TSAConfig:
             raise ValueError(f"TSAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.skip_threshold <= 1.0:
             raise ValueError(f"TSAConfig.skip_threshold must be in [0, 1], got {self.skip_threshold!r}")
-        choices = {"routing": ("none", "tsa", "early_exit", "mod"), "gate": ("soft", "straight_through")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TSAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.routing != "none" and self.n_layer < 2:
             raise ValueError(f"TSAConfig.n_layer must be at least 2 when routing blocks, got {self.n_layer}")
         if not 0.0 < self.mod_capacity <= 1.0:
             raise ValueError(f"TSAConfig.mod_capacity must be in (0, 1], got {self.mod_capacity!r}")
-        if not isinstance(self.mod_every, int) or self.mod_every < 1:
-            raise ValueError(f"TSAConfig.mod_every must be a positive integer, got {self.mod_every!r}")
         if not math.isfinite(self.router_bias_init):
             raise ValueError(f"TSAConfig.router_bias_init must be finite, got {self.router_bias_init!r}")
+
+    def mismatches(self, other: TSAConfig) -> list[str]:
+        """The `shape` fields on which two configs disagree: a checkpoint of one cannot load in the other."""
+        return [
+            f.name
+            for f in fields(self)
+            if f.metadata.get("shape") and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
 
 @dataclass
@@ -102,6 +109,27 @@ class Decision:
     aux_loss: Tensor | None = None  # a training term the router adds (baselines)
 
 
+class KVCache(nn.Module):
+    """Keys and values of one attention layer for every position decoded so far (litgpt's design).
+
+    Rows are left-padded to a common length: `start` (B,) is each row's first real position, and
+    no real token ever reads a pad.
+    """
+
+    def __init__(self, batch: int, max_len: int, config: TSAConfig, start: Tensor, like: Tensor) -> None:
+        super().__init__()
+        shape = (batch, config.n_head, max_len, config.n_embd // config.n_head)
+        self.register_buffer("k", like.new_zeros(shape), persistent=False)
+        self.register_buffer("v", like.new_zeros(shape), persistent=False)
+        self.start = start
+
+    def forward(self, input_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store positions input_pos.. of (B, H, T, D) keys and values; return every position up to them."""
+        end = input_pos + k.size(2)
+        self.k[:, :, input_pos:end], self.v[:, :, input_pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: TSAConfig) -> None:
         super().__init__()
@@ -110,6 +138,7 @@ class CausalSelfAttention(nn.Module):
         self.key_value = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.kv_cache: KVCache | None = None  # set for decoding by TSATransformer.set_kv_cache
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -119,36 +148,51 @@ class CausalSelfAttention(nn.Module):
         B, H, T, D = y.shape
         return y.transpose(1, 2).reshape(B, T, H * D)
 
-    def forward(self, x: Tensor) -> Tensor:
-        q = self.split_heads(self.query(x))
-        k, v = map(self.split_heads, self.key_value(x).chunk(2, dim=-1))
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.proj(self.merge_heads(y))
+    def forward(self, x: Tensor, kept: Tensor | None = None, input_pos: int = 0) -> Tensor:
+        """Updates (B, T, C) of every token, or (N, C) of the `kept` (B, T) ones in row-major order.
 
-    def forward_kept(self, x: Tensor, kept: Tensor) -> Tensor:
-        """Attention for the kept tokens only; returns their updates as (N, C) in row-major order.
-
-        Keys and values come from every position (a skipped token's state is still readable),
-        but queries and the output projection run only for kept tokens. Kept queries are packed
-        to the left of each row, so the attention is batched with a causal mask by position.
+        Keys and values come from every position (a skipped token's state is still readable), but
+        queries and the output projection run only for kept tokens. Kept queries are packed to the
+        left of each row, so the attention is batched with a causal mask by position. With a KV
+        cache, x holds positions input_pos.. and earlier keys and values come from the cache.
         """
         B, T, C = x.shape
         k, v = map(self.split_heads, self.key_value(x).chunk(2, dim=-1))
+        p = self.dropout if self.training else 0.0
+        every_token = kept is None
+        if self.kv_cache is None and every_token:
+            y = F.scaled_dot_product_attention(
+                self.split_heads(self.query(x)), k, v, dropout_p=p, is_causal=True
+            )
+            return self.proj(self.merge_heads(y))
+        start = None
+        if self.kv_cache is not None:
+            k, v = self.kv_cache(input_pos, k, v)
+            start = self.kv_cache.start
+        kept = torch.ones(B, T, dtype=torch.bool, device=x.device) if kept is None else kept
         counts = kept.sum(dim=1)
         n = int(counts.max())
+        if n == 0:
+            return x.new_zeros(0, C)  # nobody runs: writing the cache above was all the work
         # positions of the kept tokens, packed left in each row (stable sort keeps them in order)
         positions = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :n]
         slot_used = torch.arange(n, device=x.device) < counts[:, None]  # (B, n)
         q_kept = self.query(x[kept])  # under autocast, in the autocast dtype
         q = q_kept.new_zeros(B, n, C)
         q[slot_used] = q_kept
-        may_attend = torch.arange(T, device=x.device) <= positions[:, :, None]  # (B, n, T)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            self.split_heads(q), k, v, attn_mask=may_attend[:, None], dropout_p=p
-        )
-        return self.proj(self.merge_heads(y)[slot_used])
+        mask = may_attend(input_pos + positions, k.size(2), start)
+        y = F.scaled_dot_product_attention(self.split_heads(q), k, v, attn_mask=mask[:, None], dropout_p=p)
+        y = self.proj(self.merge_heads(y)[slot_used])
+        return y.view(B, T, C) if every_token else y
+
+
+def may_attend(query_pos: Tensor, n_keys: int, start: Tensor | None) -> Tensor:
+    """(B, n, S): a query reads keys up to its own position, and never a left pad (a pad reads itself)."""
+    keys = torch.arange(n_keys, device=query_pos.device)
+    mask = keys <= query_pos[..., None]
+    if start is None:
+        return mask
+    return mask & ((keys >= start[:, None, None]) | (keys == query_pos[..., None]))
 
 
 class MLP(nn.Module):
@@ -172,30 +216,32 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Every token runs; `keep` (B, T, 1) scales both updates (None: the dense block)."""
-        x = x + scale_update(self.dropout(self.attn(self.ln_1(x))), keep)
-        return x + scale_update(self.dropout(self.mlp(self.ln_2(x))), keep)
+    def forward(
+        self, x: Tensor, keep: Tensor | None = None, kept: Tensor | None = None, input_pos: int = 0
+    ) -> Tensor:
+        """Tokens with `kept` (B, T) run (None: all), their updates scaled by `keep` (B, T, 1; None: 1).
 
-    def forward_kept(self, x: Tensor, keep: Tensor | None, kept: Tensor) -> Tensor:
-        """Only tokens with `kept` (B, T) run: gather them, compute, scatter back."""
+        Dense when every token runs; gather, compute, scatter when some do; nothing when none do
+        (unless a KV cache must still receive their keys and values).
+        """
+        if kept is None or kept.all():
+            x = x + scale_update(self.dropout(self.attn(self.ln_1(x), input_pos=input_pos)), keep)
+            return x + scale_update(self.dropout(self.mlp(self.ln_2(x))), keep)
+        if not kept.any() and self.attn.kv_cache is None:
+            return x
         h, w = x[kept], None if keep is None else keep[kept]
-        h = h + scale_update(self.dropout(self.attn.forward_kept(self.ln_1(x), kept)), w)
+        h = h + scale_update(self.dropout(self.attn(self.ln_1(x), kept, input_pos)), w)
         h = h + scale_update(self.dropout(self.mlp(self.ln_2(h))), w)
         return x.masked_scatter(kept[..., None], h)
 
 
+def router_flops(config: TSAConfig) -> int:
+    """Forward FLOPs of one Router on one token."""
+    return 2 * config.router_hidden * (config.n_embd + 1)
+
+
 def scale_update(update: Tensor, keep: Tensor | None) -> Tensor:
     return update if keep is None else keep * update
-
-
-def run_block(block: Block, x: Tensor, keep: Tensor | None, kept: Tensor | None) -> Tensor:
-    """Dense when every token runs, gather/scatter when some do, nothing when none do."""
-    if kept is None or kept.all():
-        return block(x, keep)
-    if kept.any():
-        return block.forward_kept(x, keep, kept)
-    return x
 
 
 class Router(nn.Module):
@@ -249,22 +295,32 @@ class TSATransformer(nn.Module):
             nn.init.constant_(module.out.bias, self.config.router_bias_init)
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, mode: Mode = "soft", threshold: float | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        mode: Mode = "soft",
+        threshold: float | None = None,
+        input_pos: int | None = None,
     ) -> tuple[Tensor, Tensor | None, Routing]:
-        """Returns (logits, loss or None, routing). `threshold` overrides config.skip_threshold."""
+        """Returns (logits, loss or None, routing). `threshold` overrides config.skip_threshold.
+
+        With `input_pos` (after `set_kv_cache`), idx holds positions input_pos.. of a sequence whose
+        earlier keys and values are cached: the same blocks and routing serve incremental decoding.
+        """
         if mode not in ("soft", "hard"):
             raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
         B, T = idx.shape
-        if self.config.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        start = 0 if input_pos is None else input_pos
+        if self.config.block_size < start + T:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
         threshold = self.config.skip_threshold if threshold is None else threshold
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
-        x = self.blocks[0](x)  # the stem: every token runs block 0
+        x = self.drop(self.wte(idx) + self.wpe(self.positions(start, T, idx.device)))
+        x = self.blocks[0](x, input_pos=start)  # the stem: every token runs block 0
         everyone = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         executed, halts, aux = [everyone], [], []
         for i, block in enumerate(self.blocks[1:]):
             decision = self.route(i, x, mode, threshold, targets)
-            x = run_block(block, x, decision.keep, decision.kept)
+            x = block(x, decision.keep, decision.kept, start)
             executed.append(everyone if decision.kept is None else decision.kept)
             if decision.halt is not None:
                 halts.append(decision.halt)
@@ -281,18 +337,55 @@ class TSATransformer(nn.Module):
         )
         return logits, loss, routing
 
+    def positions(self, input_pos: int, T: int, device: torch.device) -> Tensor:
+        """Position ids of the next T tokens; a left-padded row counts from its first real token."""
+        pos = torch.arange(input_pos, input_pos + T, device=device)
+        cache = self.blocks[0].attn.kv_cache
+        return pos if cache is None else (pos - cache.start[:, None]).clamp(min=0)
+
+    def set_kv_cache(self, batch: int, max_len: int, start: Tensor | None = None) -> None:
+        """Give every attention a KV cache; `start` (B,): first real position of each left-padded row."""
+        like = self.wte.weight
+        start = torch.zeros(batch, dtype=torch.long, device=like.device) if start is None else start
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch, max_len, self.config, start, like)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
     def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
         """TSA's decision for block i + 1, read from the state after block i."""
         if self.routers is None:
             return Decision()
         p = self.routers[i](x)
         keep = (1 - p).unsqueeze(-1)
-        kept = p <= threshold
+        kept = ~self.skips(p, threshold)
         if mode == "hard":
             return Decision(keep=keep, kept=kept, halt=p)
         if self.config.gate == "straight_through":  # forward as in hard mode, gradient as in soft mode
             keep = keep + (keep * kept.unsqueeze(-1) - keep).detach()
         return Decision(keep=keep, halt=p)
+
+    def skips(self, halt: Tensor, threshold: float) -> Tensor:
+        """Hard mode's rule: a token whose router says p > threshold skips the block."""
+        return halt > threshold
+
+    def depth_term(self, routing: Routing) -> Tensor | None:
+        """The paper's depth term mean(1 - p) (weighted by the module): pushes routers towards skipping."""
+        return None if routing.halt_probs is None else (1 - routing.halt_probs).mean()
+
+    @classmethod
+    def routing_flops_per_token(cls, config: TSAConfig) -> int:
+        """What deciding costs per token: TSA's L - 1 routers (none for the dense twin)."""
+        if config.routing == "none":
+            return 0
+        return (config.n_layer - 1) * router_flops(config)
+
+    @property
+    def trained_mode(self) -> Mode:
+        """The mode the network was trained as: a straight-through gate trains the hard network."""
+        return "hard" if self.config.gate == "straight_through" else "soft"
 
     def auxiliary_loss(self, loss: Tensor | None, terms: list[Tensor]) -> Tensor | None:
         """What training adds to the task loss (the baselines' exit and predictor losses)."""
@@ -324,7 +417,10 @@ class TSATransformer(nn.Module):
         top_k: int | None = None,
         mode: Mode = "soft",
     ) -> Tensor:
-        """Sample by full recomputation over the last block_size tokens; temperature 0 is greedy."""
+        """Sample by full recomputation over the last block_size tokens; temperature 0 is greedy.
+
+        The reference that `inference.generate_cached` (the fast way) is tested against.
+        """
         for _ in range(max_new_tokens):
             logits, _, _ = self(idx[:, -self.config.block_size :], mode=mode)
             idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)[:, None]), dim=1)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import asdict, fields
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -12,8 +13,10 @@ from torchmetrics import MeanMetric, Metric
 
 from tsa_lightning.accounting import ComputeReport, summarize, tally
 from tsa_lightning.baselines import build_model
-from tsa_lightning.data import IGNORE_INDEX, Codec
-from tsa_lightning.model import Routing, TSAConfig
+from tsa_lightning.corpus import Codec
+from tsa_lightning.data import IGNORE_INDEX
+from tsa_lightning.inference import generate_cached
+from tsa_lightning.model import Mode, Routing, TSAConfig
 
 MODES = ("soft", "hard")
 
@@ -62,31 +65,17 @@ class LossMetrics(torch.nn.Module):
 class TSALanguageModel(L.LightningModule):
     """A character/byte language model whose tokens choose their own depth.
 
-    Model args mirror `TSAConfig`. Training args: AdamW (decay on matrices only), linear warmup
-    then cosine decay to min_lr by step, and the paper's optional depth loss
-    `depth_loss_weight * mean(1 - p)`, which pushes routers towards skipping.
-    `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
+    `config` is the network (`TSAConfig`; a dict when read back from a checkpoint). Training args:
+    AdamW (decay on matrices only), linear warmup then cosine decay to min_lr by step, and the
+    variant's depth loss (TSA: the paper's `depth_loss_weight * mean(1 - p)`, which pushes routers
+    towards skipping). `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
     `compile` runs the training forward (dense, masked: no data-dependent shapes) through
     torch.compile; evaluation and the sparse hard mode stay eager.
     """
 
     def __init__(
         self,
-        vocab_size: int = 65,
-        block_size: int = 128,
-        n_layer: int = 6,
-        n_head: int = 8,
-        n_embd: int = 256,
-        ffn_hidden: int | None = None,
-        dropout: float = 0.1,
-        bias: bool = True,
-        routing: Literal["none", "tsa", "early_exit", "mod"] = "tsa",
-        router_hidden: int | None = None,
-        router_bias_init: float = -1.0,
-        skip_threshold: float = 0.5,
-        gate: Literal["soft", "straight_through"] = "soft",
-        mod_capacity: float = 0.125,
-        mod_every: int = 2,
+        config: TSAConfig,
         depth_loss_weight: float = 0.0,
         learning_rate: float = 1e-3,
         min_learning_rate: float = 1e-4,
@@ -97,26 +86,14 @@ class TSALanguageModel(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        self.config = config if isinstance(config, TSAConfig) else TSAConfig(**config)
+        # save_hyperparameters reads the argument by name: store plain types, loadable with weights_only
+        config = asdict(self.config)
         self.save_hyperparameters()
-        self.config = TSAConfig(
-            vocab_size=vocab_size,
-            block_size=block_size,
-            n_layer=n_layer,
-            n_head=n_head,
-            n_embd=n_embd,
-            ffn_hidden=ffn_hidden,
-            dropout=dropout,
-            bias=bias,
-            routing=routing,
-            router_hidden=router_hidden,
-            router_bias_init=router_bias_init,
-            skip_threshold=skip_threshold,
-            gate=gate,
-            mod_capacity=mod_capacity,
-            mod_every=mod_every,
-        )
-        if alphabet is not None and len(alphabet) != vocab_size:
-            raise ValueError(f"alphabet has {len(alphabet)} characters but vocab_size is {vocab_size}")
+        if alphabet is not None and len(alphabet) != self.config.vocab_size:
+            raise ValueError(
+                f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
+            )
         self.model = build_model(self.config)
         self.codec = Codec(alphabet)
         self.eval_loss = torch.nn.ModuleDict({mode: LossMetrics() for mode in MODES})
@@ -137,12 +114,12 @@ class TSALanguageModel(L.LightningModule):
         x, y = batch
         _, loss, routing = self.train_forward(x, y)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
+        keep = self.model.depth_term(routing)
+        if keep is not None:
+            total = total + self.hparams.depth_loss_weight * keep
+            self.log("train/keep", keep)
         if routing.halt_probs is not None:
-            if self.config.routing == "tsa":
-                keep = (1 - routing.halt_probs).mean()
-                total = total + self.hparams.depth_loss_weight * keep
-                self.log("train/keep", keep)
-            would_skip = (routing.halt_probs > self.config.skip_threshold).float().mean()
+            would_skip = self.model.skips(routing.halt_probs, self.config.skip_threshold).float().mean()
             self.log("train/skip", would_skip, prog_bar=True)
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -201,24 +178,12 @@ class TSALanguageModel(L.LightningModule):
         self.log(f"{stage}/flops_saved", report.flops_saved)
         self.eval_compute.reset()
 
-    ARCHITECTURE = (
-        "vocab_size",
-        "block_size",
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "ffn_hidden",
-        "bias",
-        "routing",
-    )
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
-        saved = checkpoint.get("hyper_parameters", {})
+        saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
         mismatched = [
-            f"{key}={saved[key]!r} (this run: {self.hparams[key]!r})"
-            for key in self.ARCHITECTURE
-            if key in saved and saved[key] != self.hparams[key]
+            f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
+            for key in saved.mismatches(self.config)
         ]
         if mismatched:
             raise ValueError(
@@ -261,8 +226,21 @@ class TSALanguageModel(L.LightningModule):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
-        mode: str = "soft",
+        mode: Mode | None = None,
+        threshold: float | None = None,
     ) -> str:
-        idx = torch.tensor([self.codec.encode(prompt or "\n")], device=self.device)
-        out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, mode=mode)
-        return self.codec.decode(out[0, idx.size(1) :])
+        """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for."""
+        idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
+        mode = mode or self.model.trained_mode
+        out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode)[0]
+        return self.codec.decode(out[len(idx) :])
+
+
+def upgrade_checkpoint(path: str) -> Path:
+    """Write <stem>.upgraded.ckpt beside a checkpoint from before `model.config`, with its options nested."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    hparams["config"] = {f.name: hparams.pop(f.name) for f in fields(TSAConfig) if f.name in hparams}
+    target = Path(path).with_suffix(".upgraded.ckpt")
+    torch.save(checkpoint, target)
+    return target
