@@ -70,7 +70,7 @@ def trained_run(tmp_path_factory, shared_data):
         "--trainer.val_check_interval=6",
         "--trainer.limit_val_batches=3",
         "--halting_histograms.every_n_steps=5",
-        "--tlops_monitor.every_n_steps=5",
+        "--model.router_bias_init=0.0",  # p starts near the threshold 0.5: some tokens skip from step 0
         "--trainer.logger.init_args.name=cpu",
         f"--data.init_args.data_dir={shared_data}",
         cwd=root,
@@ -84,26 +84,52 @@ def test_fit_writes_checkpoint_and_config(trained_run):
     assert (trained_run / "runs/cpu/version_0/config.yaml").is_file()
 
 
-def test_tensorboard_has_routing_views(trained_run):
-    events = EventAccumulator(
-        str(trained_run / "runs/cpu/version_0"), size_guidance={"histograms": 0, "images": 0}
-    )
+def run_events(run: Path) -> EventAccumulator:
+    everything = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    events = EventAccumulator(str(run), size_guidance=everything)
     events.Reload()
+    return events
+
+
+def test_tensorboard_has_routing_views(trained_run):
+    events = run_events(trained_run / "runs/cpu/version_0")
     tags = events.Tags()
     histograms, scalars, images = set(tags["histograms"]), set(tags["scalars"]), set(tags["images"])
+    n_layer = 6
     for stage in ("train", "val"):
-        assert {f"halting/{stage}/router_{i}" for i in range(3)} <= histograms
-    assert {f"tlops/val/executed_layer_{i}" for i in range(4)} <= scalars
-    assert {"tlops/train/executed_layer_1", "tlops/val/saved_paper", "tlops/val/saved_executed"} <= scalars
-    assert {"val/soft/bpc", "val/hard/bpc", "val/tlops_saved_paper", "val/tlops_saved_executed"} <= scalars
-    assert {"val/flops_saved", "train/loss", "train/bpc", "train/skip"} <= scalars
+        # every block on both sides, a router named by the block it gates (block 0 always runs)
+        assert {t for t in histograms if t.startswith(f"halting/{stage}/")} == {
+            f"halting/{stage}/block_{l}" for l in range(1, n_layer)
+        }
+        assert {t for t in scalars if t.startswith(f"executed/{stage}/")} == {
+            f"executed/{stage}/block_{l}" for l in range(n_layer)
+        }
+        saved = ("tlops_saved_paper", "tlops_saved_executed", "flops_saved")
+        assert {f"{stage}/{name}" for name in saved} <= scalars
+    assert {"val/soft/bpc", "val/hard/bpc", "val/hard/loss", "val/hard/ppl", "train/loss"} <= scalars
     assert "depth_map/val" in images
-    histogram = events.Histograms("halting/val/router_0")[-1].histogram_value
+    histogram = events.Histograms("halting/val/block_1")[-1].histogram_value
     data = yaml.safe_load((trained_run / "runs/cpu/version_0/config.yaml").read_text())["data"]["init_args"]
     assert histogram.num == 3 * data["batch_size"] * data["block_size"]  # every token of 3 validation batches
     assert histogram.min >= 0.0 and histogram.max <= 1.0
-    first_layer = events.Scalars("tlops/val/executed_layer_0")[-1].value
-    assert first_layer == 1.0  # the stem always runs
+    assert events.Scalars("executed/val/block_0")[-1].value == 1.0  # the stem always runs
+
+
+def test_histograms_and_executed_shares_count_the_same_block(trained_run):
+    """A router's histogram and the share of the block it gates: p <= 0.5 is 'ran' in hard mode."""
+    events = run_events(trained_run / "runs/cpu/version_0")
+    shares = []
+    for block in range(1, 6):
+        histograms = events.Histograms(f"halting/val/block_{block}")
+        executed = events.Scalars(f"executed/val/block_{block}")
+        assert len(histograms) == len(executed) == 2  # one each per validation
+        for histogram, share in zip(histograms, executed, strict=True):
+            value = histogram.histogram_value
+            below_half = sum(c for c, top in zip(value.bucket, value.bucket_limit, strict=True) if top <= 0.5)
+            # a token or two may sit on p == 0.5 exactly: it ran, but its histogram bin starts at 0.5
+            assert share.value == pytest.approx(below_half / value.num, abs=1e-3), block
+            shares.append(share.value)
+    assert any(0.0 < share < 1.0 for share in shares)  # some tokens skipped: a numbering slip would show
 
 
 def test_saved_config_reproduces_the_run(trained_run):

@@ -51,9 +51,28 @@ def routing_flops_per_token(config: TSAConfig) -> int:
     if config.routing == "early_exit":
         return (L - 1) * 2 * C * config.vocab_size
     if config.routing == "mod":
-        routed = sum(1 for i in range(L - 1) if (i + 1) % config.mod_every == 0)
-        return routed * (2 * C + mlp_router)
+        return len(gated_blocks(config)) * (2 * C + mlp_router)
     return 0
+
+
+def gated_blocks(config: TSAConfig) -> list[int]:
+    """The block that each column of `Routing.halt_probs` gates (the router read after block l gates l + 1).
+
+    Logs name a router by the block it gates, so that its histogram and that block's executed share
+    carry the same number.
+    """
+    if config.routing == "mod":
+        return [block for block in range(1, config.n_layer) if block % config.mod_every == 0]
+    return list(range(1, config.n_layer))
+
+
+def hard_executed(config: TSAConfig, halt_probs: Tensor) -> Tensor:
+    """Which token hard mode would run in which block (B, T, L), read from the halting probabilities of
+    a training pass (which runs every block, or skips by the same rule under the straight-through gate)."""
+    B, T, _ = halt_probs.shape
+    executed = torch.ones(B, T, config.n_layer, dtype=torch.bool, device=halt_probs.device)
+    executed[..., gated_blocks(config)] = halt_probs <= config.skip_threshold
+    return executed
 
 
 def dense_twin_flops(config: TSAConfig, batch: int, seq_len: int) -> float:

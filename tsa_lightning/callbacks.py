@@ -1,7 +1,9 @@
-"""TensorBoard views of routing: halting histograms, per-layer TLOps, and a depth map of real text.
+"""TensorBoard views of routing that scalars cannot show: halting histograms and a depth map of real text.
 
-All three are registered by the CLI, so every run has them. Statistics are reduced over DDP ranks
-before rank 0 writes them (the TensorBoard experiment is a no-op elsewhere).
+The scalars (losses, work saved, each block's executed share) are logged by the module through
+`self.log`. These callbacks are registered by the CLI, so every run has them. Statistics are
+reduced over DDP ranks before rank 0 writes them (the TensorBoard experiment is a no-op elsewhere).
+A router is named by the block it gates, as the executed shares are.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from tsa_lightning.model import Routing
+from tsa_lightning.accounting import gated_blocks
+from tsa_lightning.model import Routing, TSAConfig
 
 
 def _tensorboard(trainer: L.Trainer):
@@ -26,6 +29,7 @@ def _tensorboard(trainer: L.Trainer):
 class HaltingHistograms(L.Callback):
     """Per router, the distribution of halting probabilities p: every N training steps and per validation.
 
+    Tagged `halting/<stage>/block_<l>` by the block l the router gates (it reads the state after block l - 1).
     Counts go into fixed bins so that ranks can be summed with one all-reduce of equal shapes.
     """
 
@@ -40,17 +44,17 @@ class HaltingHistograms(L.Callback):
         extra = torch.stack([p.new_full((p.size(0),), p.size(1)), p.sum(1), (p * p).sum(1)], dim=1)
         return torch.cat([counts, extra], dim=1).double()
 
-    def _write(self, trainer: L.Trainer, stats: Tensor, stage: str) -> None:
+    def _write(self, trainer: L.Trainer, config: TSAConfig, stats: Tensor, stage: str) -> None:
         stats = trainer.strategy.reduce(stats, reduce_op="sum")
         writer = _tensorboard(trainer)
         if writer is None or trainer.global_rank != 0:
             return
         edges = torch.linspace(0, 1, self.bins + 1)
-        for i, row in enumerate(stats.cpu()):
+        for block, row in zip(gated_blocks(config), stats.cpu(), strict=True):
             counts, (num, total, squares) = row[: self.bins], row[self.bins :].tolist()
             filled = counts.nonzero().flatten()  # min and max to the resolution of the bins
             writer.add_histogram_raw(
-                f"halting/{stage}/router_{i}",
+                f"halting/{stage}/block_{block}",
                 min=edges[filled[0]].item(),
                 max=edges[filled[-1] + 1].item(),
                 num=int(num),
@@ -64,7 +68,7 @@ class HaltingHistograms(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         halts = outputs.get("halt_probs") if isinstance(outputs, dict) else None
         if halts is not None and trainer.global_step % self.every_n_steps == 0:
-            self._write(trainer, self._stats(halts), "train")
+            self._write(trainer, pl_module.config, self._stats(halts), "train")
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -76,55 +80,8 @@ class HaltingHistograms(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._val is not None and not trainer.sanity_checking:
-            self._write(trainer, self._val, "val")
+            self._write(trainer, pl_module.config, self._val, "val")
         self._val = None
-
-
-class TLOpsMonitor(L.Callback):
-    """Per-layer executed fractions and the saved fractions (paper's soft and executed) as scalars.
-
-    At validation and test the model's ComputeMetric already holds the exact, all-rank report;
-    during training (soft mode) the monitor logs what hard mode would skip on the current batch.
-    """
-
-    def __init__(self, every_n_steps: int = 50) -> None:
-        self.every_n_steps = every_n_steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        halts = outputs.get("halt_probs") if isinstance(outputs, dict) else None
-        if halts is None or trainer.global_step % self.every_n_steps:
-            return
-        executed = halts <= pl_module.config.skip_threshold
-        per_layer = trainer.strategy.reduce(executed.float().mean(dim=(0, 1)), reduce_op="mean")
-        metrics = {f"tlops/train/executed_layer_{i + 1}": v for i, v in enumerate(per_layer.tolist())}
-        metrics["tlops/train/would_save_executed"] = (
-            1 - (1 + per_layer.sum().item()) / pl_module.config.n_layer
-        )
-        self._log(trainer, metrics)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._log_report(trainer, pl_module, "val")
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._log_report(trainer, pl_module, "test")
-
-    def _log_report(self, trainer, pl_module, stage: str) -> None:
-        report = pl_module.compute_reports.get(stage)
-        if report is None:
-            return
-        metrics = {f"tlops/{stage}/executed_layer_{i}": v for i, v in enumerate(report.executed_per_layer)}
-        metrics[f"tlops/{stage}/saved_paper"] = report.paper_tlops_saved
-        metrics[f"tlops/{stage}/saved_executed"] = report.executed_tlops_saved
-        metrics[f"tlops/{stage}/flops_saved"] = report.flops_saved
-        metrics[f"tlops/{stage}/paper_alpha"] = report.paper_alpha
-        self._log(trainer, metrics)
-
-    @staticmethod
-    @rank_zero_only
-    def _log(trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 class DepthMap(L.Callback):
