@@ -17,7 +17,7 @@ from jsonargparse import auto_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from tsa_lightning.callbacks import DepthMap, HaltingHistograms
+from tsa_lightning.callbacks import Dashboard, DepthMap, HaltingHistograms, HardSample
 from tsa_lightning.data import CorpusError, TextDataModule
 from tsa_lightning.evaluation import DEFAULT_THRESHOLDS, markdown_table, sweep, write_outputs
 from tsa_lightning.module import TSALanguageModel
@@ -41,8 +41,10 @@ class TSALightningCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.alphabet", "model.alphabet", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
+        parser.add_lightning_class_args(Dashboard, "dashboard")
         parser.add_lightning_class_args(HaltingHistograms, "halting_histograms")
         parser.add_lightning_class_args(DepthMap, "depth_map")
+        parser.add_lightning_class_args(HardSample, "hard_sample")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
