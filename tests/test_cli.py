@@ -172,7 +172,8 @@ def test_hparams_table_shows_final_quality_and_compute(trained_run):
     logged = metrics & set(events.Tags()["scalars"])  # the table reads the scalars the module logs
     assert {"val/hard/bpc", "val/tlops_saved_executed", "val/flops_saved", "val/tlops_saved_paper"} <= logged
     hparams = {h.name for h in experiment.hparam_infos}
-    assert {"n_layer", "skip_threshold", "depth_loss_weight", "gate"} <= hparams and "alphabet" not in hparams
+    assert {"n_layer", "skip_threshold", "depth_loss_weight", "gate"} <= hparams
+    assert "alphabet" not in hparams and not any(name.startswith("_") for name in hparams)
     start = hparams_metadata.parse_session_start_info_plugin_data(
         content[hparams_metadata.SESSION_START_INFO_TAG]
     )

@@ -85,11 +85,12 @@ class Dashboard(L.Callback):
             return
         self._written.add(writer.log_dir)
         writer.add_custom_scalars(LAYOUT)
-        # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice
+        # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice,
+        # and names with an underscore are LightningCLI's own
         params = {
             name: value if isinstance(value, bool | int | float | str) else str(value)
             for name, value in pl_module.hparams.items()
-            if name != "alphabet"
+            if name != "alphabet" and not name.startswith("_")
         }
         # only the metric names are written; their values are the scalars the module logs
         for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
