@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -11,10 +12,15 @@ import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from tests.conftest import REPO, write_corpus
+from tsa_lightning.callbacks import HPARAM_METRICS
 from tsa_lightning.cli import main, sample
 from tsa_lightning.corpus import SHAKESPEARE_ALPHABET
+from tsa_lightning.data import ShakespeareDataModule
 from tsa_lightning.module import upgrade_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -73,7 +79,7 @@ def trained_run(tmp_path_factory, shared_data):
         "--trainer.val_check_interval=6",
         "--trainer.limit_val_batches=3",
         "--halting_histograms.every_n_steps=5",
-        "--tlops_monitor.every_n_steps=5",
+        "--model.config.router_bias_init=0.0",  # p starts near the threshold 0.5: some tokens skip from step 0
         "--trainer.logger.init_args.name=cpu",
         f"--data.init_args.data_dir={shared_data}",
         cwd=root,
@@ -87,26 +93,115 @@ def test_fit_writes_checkpoint_and_config(trained_run):
     assert (trained_run / "runs/cpu/version_0/config.yaml").is_file()
 
 
-def test_tensorboard_has_routing_views(trained_run):
-    events = EventAccumulator(
-        str(trained_run / "runs/cpu/version_0"), size_guidance={"histograms": 0, "images": 0}
-    )
+def run_events(run: Path) -> EventAccumulator:
+    everything = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    events = EventAccumulator(str(run), size_guidance=everything)
     events.Reload()
+    return events
+
+
+def test_tensorboard_has_routing_views(trained_run):
+    events = run_events(trained_run / "runs/cpu/version_0")
     tags = events.Tags()
     histograms, scalars, images = set(tags["histograms"]), set(tags["scalars"]), set(tags["images"])
+    n_layer = 6
     for stage in ("train", "val"):
-        assert {f"halting/{stage}/router_{i}" for i in range(3)} <= histograms
-    assert {f"tlops/val/executed_layer_{i}" for i in range(4)} <= scalars
-    assert {"tlops/train/executed_layer_1", "tlops/val/saved_paper", "tlops/val/saved_executed"} <= scalars
-    assert {"val/soft/bpc", "val/hard/bpc", "val/tlops_saved_paper", "val/tlops_saved_executed"} <= scalars
-    assert {"val/flops_saved", "train/loss", "train/bpc", "train/skip"} <= scalars
+        # every block on both sides, a router named by the block it gates (block 0 always runs)
+        assert {t for t in histograms if t.startswith(f"halting/{stage}/")} == {
+            f"halting/{stage}/block_{l}" for l in range(1, n_layer)
+        }
+        assert {t for t in scalars if t.startswith(f"executed/{stage}/")} == {
+            f"executed/{stage}/block_{l}" for l in range(n_layer)
+        }
+        saved = ("tlops_saved_paper", "tlops_saved_executed", "flops_saved")
+        assert {f"{stage}/{name}" for name in saved} <= scalars
+    assert {"val/soft/bpc", "val/hard/bpc", "val/hard/loss", "val/hard/ppl", "train/loss"} <= scalars
     assert "depth_map/val" in images
-    histogram = events.Histograms("halting/val/router_0")[-1].histogram_value
+    histogram = events.Histograms("halting/val/block_1")[-1].histogram_value
     data = yaml.safe_load((trained_run / "runs/cpu/version_0/config.yaml").read_text())["data"]["init_args"]
     assert histogram.num == 3 * data["batch_size"] * data["block_size"]  # every token of 3 validation batches
     assert histogram.min >= 0.0 and histogram.max <= 1.0
-    first_layer = events.Scalars("tlops/val/executed_layer_0")[-1].value
-    assert first_layer == 1.0  # the stem always runs
+    assert events.Scalars("executed/val/block_0")[-1].value == 1.0  # the stem always runs
+
+
+def test_histograms_and_executed_shares_count_the_same_block(trained_run):
+    """A router's histogram and the share of the block it gates: p <= 0.5 is 'ran' in hard mode."""
+    events = run_events(trained_run / "runs/cpu/version_0")
+    shares = []
+    for block in range(1, 6):
+        histograms = events.Histograms(f"halting/val/block_{block}")
+        executed = events.Scalars(f"executed/val/block_{block}")
+        assert len(histograms) == len(executed) == 2  # one each per validation
+        for histogram, share in zip(histograms, executed, strict=True):
+            value = histogram.histogram_value
+            below_half = sum(c for c, top in zip(value.bucket, value.bucket_limit, strict=True) if top <= 0.5)
+            # a token or two may sit on p == 0.5 exactly: it ran, but its histogram bin starts at 0.5
+            assert share.value == pytest.approx(below_half / value.num, abs=1e-3), block
+            shares.append(share.value)
+    assert any(0.0 < share < 1.0 for share in shares)  # some tokens skipped: a numbering slip would show
+
+
+def test_every_tag_once_under_one_name(trained_run):
+    """The full list of scalar tags: one name per quantity, the same names for train and val."""
+    scalars = set(run_events(trained_run / "runs/cpu/version_0").Tags()["scalars"])
+    saved = ("tlops_saved_executed", "flops_saved", "tlops_saved_paper")
+    expected = {"epoch", "train/loss", "train/bpc", "train/ppl"}
+    expected |= {f"val/{mode}/{name}" for mode in ("soft", "hard") for name in ("loss", "bpc", "ppl")}
+    for stage in ("train", "val"):
+        expected |= {f"{stage}/{name}" for name in saved} | {f"executed/{stage}/block_{l}" for l in range(6)}
+    assert scalars == expected
+
+
+def test_custom_scalars_charts_find_their_tags(trained_run):
+    events = run_events(trained_run / "runs/cpu/version_0")
+    proto = events.Tensors(custom_scalars_metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto
+    layout = layout_pb2.Layout.FromString(proto.string_val[0])
+    scalars = events.Tags()["scalars"]
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    assert "executed share of each block, val / test" in charts
+    for title, chart in charts.items():
+        for pattern in chart.multiline.tag:
+            assert any(re.match(pattern, tag) for tag in scalars), (title, pattern)
+    per_block = charts["executed share of each block, train (what hard mode would run)"].multiline.tag
+    matched = sorted(t for t in scalars if re.match(per_block[0], t))
+    assert matched == [f"executed/train/block_{l}" for l in range(6)]
+
+
+def test_hparams_table_shows_final_quality_and_compute(trained_run):
+    events = run_events(trained_run / "runs/cpu/version_0")
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert metrics == set(HPARAM_METRICS)
+    logged = metrics & set(events.Tags()["scalars"])  # the table reads the scalars the module logs
+    assert {"val/hard/bpc", "val/tlops_saved_executed", "val/flops_saved", "val/tlops_saved_paper"} <= logged
+    hparams = {h.name for h in experiment.hparam_infos}
+    assert {"n_layer", "skip_threshold", "depth_loss_weight", "gate"} <= hparams
+    assert "alphabet" not in hparams and not any(name.startswith("_") for name in hparams)
+    start = hparams_metadata.parse_session_start_info_plugin_data(
+        content[hparams_metadata.SESSION_START_INFO_TAG]
+    )
+    assert start.hparams["router_bias_init"].number_value == 0.0 and start.hparams["gate"].string_value
+
+
+def test_depth_map_fits_the_image_card(trained_run):
+    image = run_events(trained_run / "runs/cpu/version_0").Images("depth_map/val")[-1]
+    assert 400 <= image.width <= 640 and image.height < image.width
+
+
+def test_hard_sample_annotates_each_character_with_its_blocks(trained_run, shared_data):
+    samples = run_events(trained_run / "runs/cpu/version_0").Tensors("sample/val/text_summary")
+    assert len(samples) == 2  # one per validation
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    assert "threshold 0.5" in text
+    rows = [line[4:] for line in text.splitlines() if line.startswith("    ")]
+    chars, digits = rows[0::2], rows[1::2]
+    assert len(rows) == 2 and len(chars[0]) == len(digits[0]) == 64  # 16 prompt + 48 new characters
+    assert set("".join(digits)) <= set("123456")
+    data = ShakespeareDataModule(data_dir=str(shared_data))
+    data.setup("fit")
+    prompt = data.codec.decode(data.splits["val"][:16].tolist())
+    assert chars[0].startswith(prompt.replace("\n", "¶"))
 
 
 def test_saved_config_reproduces_the_run(trained_run):

@@ -86,7 +86,7 @@ def test_ddp_through_the_real_cli(small_corpus, tmp_path):
     data = TextDataModule(str(small_corpus), block_size=16)
     data.setup()
     every_val_token = len(ContiguousWindows(data.splits["val"], 16)) * 16
-    assert events.Histograms("halting/val/router_0")[-1].histogram_value.num == every_val_token  # both ranks
+    assert events.Histograms("halting/val/block_1")[-1].histogram_value.num == every_val_token  # both ranks
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path):

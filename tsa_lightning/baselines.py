@@ -79,7 +79,7 @@ class MixtureOfDepthsTransformer(TSATransformer):
 
     @staticmethod
     def routed(config: TSAConfig) -> list[int]:
-        """Routers i (deciding block i + 1) that exist: every mod_every-th block is routed."""
+        """Every mod_every-th block is routed."""
         return [i for i in range(config.n_layer - 1) if (i + 1) % config.mod_every == 0]
 
     @classmethod

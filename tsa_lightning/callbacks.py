@@ -1,12 +1,16 @@
-"""TensorBoard views of routing: halting histograms, per-layer TLOps, and a depth map of real text.
+"""TensorBoard views that scalars alone cannot give: charts, the HParams table, histograms, a depth map.
 
-All three are registered by the CLI, so every run has them. Statistics are reduced over DDP ranks
-before rank 0 writes them (the TensorBoard experiment is a no-op elsewhere).
+The scalars (losses, work saved, each block's executed share) are logged by the module through
+`self.log`. These callbacks are registered by the CLI, so every run has them. Statistics are
+reduced over DDP ranks before rank 0 writes them (the TensorBoard experiment is a no-op elsewhere).
+A router is named by the block it gates, as the executed shares are.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -15,8 +19,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
 
-from tsa_lightning.model import Routing
+from tsa_lightning.inference import generate_cached
+from tsa_lightning.model import Routing, TSAConfig
 
 
 def _tensorboard(trainer: L.Trainer):
@@ -27,9 +33,76 @@ def _tensorboard(trainer: L.Trainer):
     return None
 
 
+_SAVED = "(tlops_saved_executed|flops_saved|tlops_saved_paper)"
+# Custom Scalars charts; each tag is a regular expression matched from the tag's start
+LAYOUT = {
+    "depth": {
+        "executed share of each block, train (what hard mode would run)": [
+            "Multiline",
+            [r"executed/train/block_\d+$"],
+        ],
+        "executed share of each block, val / test": ["Multiline", [r"executed/(val|test)/block_\d+$"]],
+    },
+    "compute saved": {
+        "train: executed, FLOPs, paper's formula": ["Multiline", [rf"train/{_SAVED}$"]],
+        "val / test: executed, FLOPs, paper's formula": ["Multiline", [rf"(val|test)/{_SAVED}$"]],
+    },
+    "quality": {"bits per character": ["Multiline", [r"train/bpc$", r"(val|test)/(soft|hard)/bpc$"]]},
+}
+# the HParams table's columns: final hard-mode quality and compute, of validation and of test
+HPARAM_METRICS = tuple(
+    f"{stage}/{name}"
+    for stage in ("val", "test")
+    for name in ("hard/bpc", "tlops_saved_executed", "flops_saved", "tlops_saved_paper")
+)
+
+
+class Dashboard(L.Callback):
+    """Arranges the logged scalars in TensorBoard, once per run.
+
+    Custom Scalars: every block's executed share in one chart, and the work saved (executed,
+    FLOPs, the paper's formula) in another, for training and for validation or test.
+    HParams: the model's hyperparameters beside its final hard-mode quality and compute. The
+    experiment names its metrics by the tags the module logs, so the table reads their latest
+    values (even of an interrupted run); every run names the same metrics, because TensorBoard
+    takes the columns from the first run it finds.
+    """
+
+    def __init__(self) -> None:
+        self._written: set[str] = set()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writer = _tensorboard(trainer)
+        if writer is None or writer.log_dir in self._written:
+            return
+        self._written.add(writer.log_dir)
+        writer.add_custom_scalars(LAYOUT)
+        # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice,
+        # and names with an underscore are LightningCLI's own
+        params = {
+            name: value if isinstance(value, bool | int | float | str) else str(value)
+            for name, value in pl_module.hparams.items()
+            if name != "alphabet" and not name.startswith("_")
+        }
+        # only the metric names are written; their values are the scalars the module logs
+        for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
+            writer.file_writer.add_summary(summary)
+
+
 class HaltingHistograms(L.Callback):
     """Per router, the distribution of halting probabilities p: every N training steps and per validation.
 
+    Tagged `halting/<stage>/block_<l>` by the block l the router gates (it reads the state after block l - 1).
     Counts go into fixed bins so that ranks can be summed with one all-reduce of equal shapes.
     """
 
@@ -44,17 +117,17 @@ class HaltingHistograms(L.Callback):
         extra = torch.stack([p.new_full((p.size(0),), p.size(1)), p.sum(1), (p * p).sum(1)], dim=1)
         return torch.cat([counts, extra], dim=1).double()
 
-    def _write(self, trainer: L.Trainer, stats: Tensor, stage: str) -> None:
+    def _write(self, trainer: L.Trainer, blocks: list[int], stats: Tensor, stage: str) -> None:
         stats = trainer.strategy.reduce(stats, reduce_op="sum")
         writer = _tensorboard(trainer)
         if writer is None or trainer.global_rank != 0:
             return
         edges = torch.linspace(0, 1, self.bins + 1)
-        for i, row in enumerate(stats.cpu()):
+        for block, row in zip(blocks, stats.cpu(), strict=True):
             counts, (num, total, squares) = row[: self.bins], row[self.bins :].tolist()
             filled = counts.nonzero().flatten()  # min and max to the resolution of the bins
             writer.add_histogram_raw(
-                f"halting/{stage}/router_{i}",
+                f"halting/{stage}/block_{block}",
                 min=edges[filled[0]].item(),
                 max=edges[filled[-1] + 1].item(),
                 num=int(num),
@@ -68,7 +141,7 @@ class HaltingHistograms(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         halts = outputs.get("halt_probs") if isinstance(outputs, dict) else None
         if halts is not None and trainer.global_step % self.every_n_steps == 0:
-            self._write(trainer, self._stats(halts), "train")
+            self._write(trainer, pl_module.model.gated_blocks(), self._stats(halts), "train")
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -80,108 +153,139 @@ class HaltingHistograms(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._val is not None and not trainer.sanity_checking:
-            self._write(trainer, self._val, "val")
+            self._write(trainer, pl_module.model.gated_blocks(), self._val, "val")
         self._val = None
 
 
-class TLOpsMonitor(L.Callback):
-    """Per-layer executed fractions and the saved fractions (paper's soft and executed) as scalars.
+@contextmanager
+def _evaluating(pl_module: L.LightningModule) -> Iterator[None]:
+    """Eval mode without gradients, the module's own mode restored afterwards."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        pl_module.train(was_training)
 
-    At validation and test the model's ComputeMetric already holds the exact, all-rank report;
-    during training (soft mode) the monitor logs what hard mode would skip on the current batch.
-    """
 
-    def __init__(self, every_n_steps: int = 50) -> None:
-        self.every_n_steps = every_n_steps
+def blocks_run(pl_module, tokens: Tensor) -> list[int]:
+    """Blocks each token runs in hard mode, reading the tokens (T,) in windows of block_size."""
+    depths = []
+    with _evaluating(pl_module):
+        for window in tokens.split(pl_module.config.block_size):
+            routing: Routing = pl_module.model(window[None], mode="hard")[2]
+            depths += routing.executed[0].sum(-1).tolist()
+    return depths
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        halts = outputs.get("halt_probs") if isinstance(outputs, dict) else None
-        if halts is None or trainer.global_step % self.every_n_steps:
-            return
-        executed = ~pl_module.model.skips(halts, pl_module.config.skip_threshold)
-        per_layer = trainer.strategy.reduce(executed.float().mean(dim=(0, 1)), reduce_op="mean")
-        metrics = {f"tlops/train/executed_layer_{i + 1}": v for i, v in enumerate(per_layer.tolist())}
-        metrics["tlops/train/would_save_executed"] = (
-            1 - (1 + per_layer.sum().item()) / pl_module.config.n_layer
-        )
-        self._log(trainer, metrics)
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._log_report(trainer, pl_module, "val")
+def visible(char: str) -> str:
+    """One printable cell per token, so that glyphs and their annotations stay aligned."""
+    return "¶" if char == "\n" else char if char.isprintable() else "·"
 
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._log_report(trainer, pl_module, "test")
 
-    def _log_report(self, trainer, pl_module, stage: str) -> None:
-        report = pl_module.compute_reports.get(stage)
-        if report is None:
-            return
-        metrics = {f"tlops/{stage}/executed_layer_{i}": v for i, v in enumerate(report.executed_per_layer)}
-        metrics[f"tlops/{stage}/saved_paper"] = report.paper_tlops_saved
-        metrics[f"tlops/{stage}/saved_executed"] = report.executed_tlops_saved
-        metrics[f"tlops/{stage}/flops_saved"] = report.flops_saved
-        metrics[f"tlops/{stage}/paper_alpha"] = report.paper_alpha
-        self._log(trainer, metrics)
+def _validation_tokens(trainer: L.Trainer, pl_module, n: int) -> Tensor | None:
+    """The first n tokens of the validation split: the same text at every validation."""
+    splits = getattr(trainer.datamodule, "splits", {})
+    if "val" not in splits:
+        return None
+    return torch.from_numpy(splits["val"][:n].astype("int64")).to(pl_module.device)
 
-    @staticmethod
-    @rank_zero_only
-    def _log(trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+
+GLYPH = {"fontsize": 8, "family": "monospace"}
 
 
 class DepthMap(L.Callback):
-    """A fixed validation snippet, each character coloured by the number of blocks it ran in hard mode."""
+    """A fixed validation snippet, each character coloured by the number of blocks it ran in hard mode.
 
-    def __init__(self, n_chars: int = 512, columns: int = 64) -> None:
+    Sized to be read whole in TensorBoard's default image card (about 500 px wide); each glyph is
+    black or white by the brightness of its cell, so the shallow, dark cells stay legible.
+    """
+
+    def __init__(self, n_chars: int = 256, columns: int = 32) -> None:
         self.n_chars, self.columns = n_chars, columns
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         writer = _tensorboard(trainer)
-        splits = getattr(trainer.datamodule, "splits", {})
-        if writer is None or trainer.sanity_checking or "val" not in splits:
+        snippet = _validation_tokens(trainer, pl_module, self.n_chars)
+        if writer is None or trainer.sanity_checking or snippet is None:
             return
-        snippet = torch.from_numpy(splits["val"][: self.n_chars].astype("int64")).to(pl_module.device)
-        depths = self.depths(pl_module, snippet)
-        glyphs = [pl_module.codec.decode([token]) for token in snippet.tolist()]
-        figure = self.render(glyphs, depths, pl_module.config.n_layer)
+        glyphs = [visible(pl_module.codec.decode([token])) for token in snippet.tolist()]
+        figure = self.render(glyphs, blocks_run(pl_module, snippet), pl_module.config)
         writer.add_figure("depth_map/val", figure, global_step=trainer.global_step)
         plt.close(figure)
 
-    @staticmethod
-    @torch.no_grad()
-    def depths(pl_module, snippet: Tensor) -> list[int]:
-        """Blocks each token ran in hard mode, reading the snippet in windows of block_size."""
-        was_training = pl_module.training
-        pl_module.eval()
-        depths = []
-        for window in snippet.split(pl_module.config.block_size):
-            routing: Routing = pl_module.model(window[None], mode="hard")[2]
-            depths += routing.executed[0].sum(-1).tolist()
-        pl_module.train(was_training)
-        return depths
-
-    def render(self, glyphs: list[str], depths: list[int], n_layer: int):
+    def render(self, glyphs: list[str], depths: list[int], config: TSAConfig):
         rows = (len(depths) + self.columns - 1) // self.columns
-        figure, ax = plt.subplots(figsize=(self.columns * 0.16 + 1.5, rows * 0.28 + 0.8))
-        cmap = plt.get_cmap("viridis", n_layer)
+        cell = 0.14  # inches per character (14 px at TensorBoard's 100 dpi)
+        figure, ax = plt.subplots(
+            figsize=(self.columns * cell + 1.1, rows * cell * 1.35 + 0.7), dpi=100, layout="constrained"
+        )
+        cmap = plt.get_cmap("viridis", config.n_layer)
         for i, (char, depth) in enumerate(zip(glyphs, depths, strict=True)):
             row, col = divmod(i, self.columns)
-            ax.add_patch(plt.Rectangle((col, -row - 1), 1, 1, color=cmap(depth - 1)))
-            glyph = "⏎" if char == "\n" else char
-            ax.text(col + 0.5, -row - 0.5, glyph, ha="center", va="center", fontsize=7, family="monospace")
+            r, g, b, _ = cmap(depth - 1)
+            ax.add_patch(plt.Rectangle((col, -row - 1), 1, 1, color=(r, g, b)))
+            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(col + 0.5, -row - 0.5, char, ha="center", va="center", color=ink, **GLYPH)
         ax.set_xlim(0, self.columns)
         ax.set_ylim(-rows, 0)
         ax.axis("off")
-        mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0.5, n_layer + 0.5))
-        bar = figure.colorbar(mappable, ax=ax, ticks=range(1, n_layer + 1), fraction=0.03, pad=0.01)
+        mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0.5, config.n_layer + 0.5))
+        bar = figure.colorbar(mappable, ax=ax, ticks=range(1, config.n_layer + 1), fraction=0.05, pad=0.02)
         bar.set_label("blocks run")
         ax.set_title(
-            f"blocks run per character (hard mode, mean {sum(depths) / len(depths):.2f} of {n_layer})"
+            f"hard mode, threshold {config.skip_threshold:g}: "
+            f"mean {sum(depths) / len(depths):.2f} of {config.n_layer} blocks run",
+            fontsize=9,
         )
         return figure
+
+
+class HardSample(L.Callback):
+    """At each validation, a short greedy sample in hard mode as text, each character over the blocks it ran.
+
+    The prompt is the start of the validation split. Decoding uses the KV cache (`generate_cached`);
+    the blocks of each character are those of a hard forward over the whole sample, which the
+    cached decoder reproduces (tests/test_inference.py). Greedy decoding draws no random numbers,
+    so the sample leaves training unchanged.
+    """
+
+    DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"  # one character per count, up to 35 blocks
+
+    def __init__(self, prompt_chars: int = 16, new_chars: int = 48, columns: int = 64) -> None:
+        self.prompt_chars, self.new_chars, self.columns = prompt_chars, new_chars, columns
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        config = pl_module.config
+        n_prompt = min(self.prompt_chars, config.block_size // 2)
+        writer = _tensorboard(trainer)
+        prompt = _validation_tokens(trainer, pl_module, n_prompt)
+        if writer is None or trainer.sanity_checking or prompt is None:
+            return
+        with _evaluating(pl_module):
+            new = min(self.new_chars, config.block_size - n_prompt)
+            tokens = generate_cached(pl_module.model, [prompt], new, temperature=0, mode="hard")[0]
+        glyphs = [visible(pl_module.codec.decode([token])) for token in tokens.tolist()]
+        text = self.markdown(glyphs, blocks_run(pl_module, tokens), n_prompt, config)
+        writer.add_text("sample/val", text, global_step=trainer.global_step)
+
+    def markdown(self, glyphs: list[str], depths: list[int], n_prompt: int, config: TSAConfig) -> str:
+        """The sample in rows of `columns` characters, each row over a row of digits: blocks run."""
+        digits = "".join(self.DIGITS[d] if d < len(self.DIGITS) else "+" for d in depths)
+        text = "".join(glyphs)
+        rows = [
+            f"    {text[i : i + self.columns]}\n    {digits[i : i + self.columns]}\n"
+            for i in range(0, len(text), self.columns)
+        ]
+        return (
+            f"**Greedy sample in hard mode** (threshold {config.skip_threshold:g}, mean "
+            f"{sum(depths) / len(depths):.2f} of {config.n_layer} blocks run). The first {n_prompt} "
+            "characters are the prompt, from the validation text; under each character, the number of "
+            "blocks it ran.\n\n" + "\n".join(rows)
+        )
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tsa_lightning.callbacks import DepthMap, HaltingHistograms, PredictionWriter, TLOpsMonitor
+from tsa_lightning.callbacks import Dashboard, DepthMap, HaltingHistograms, HardSample, PredictionWriter
 from tsa_lightning.corpus import CorpusError
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.evaluation import (
@@ -66,10 +66,11 @@ class TSALightningCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.alphabet", "model.alphabet", apply_on="instantiate")
         parser.link_arguments("data.block_size", "model.config.block_size", apply_on="instantiate")
+        parser.add_lightning_class_args(Dashboard, "dashboard")
         parser.add_lightning_class_args(HaltingHistograms, "halting_histograms")
-        parser.add_lightning_class_args(TLOpsMonitor, "tlops_monitor")
         parser.add_lightning_class_args(DepthMap, "depth_map")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(HardSample, "hard_sample")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -371,6 +371,22 @@ class TSATransformer(nn.Module):
         """Hard mode's rule: a token whose router says p > threshold skips the block."""
         return halt > threshold
 
+    @staticmethod
+    def routed(config: TSAConfig) -> list[int]:
+        """Routers i (deciding block i + 1) that exist: TSA routes every block after the stem."""
+        return list(range(config.n_layer - 1)) if config.routing != "none" else []
+
+    def gated_blocks(self) -> list[int]:
+        """The block each column of `Routing.halt_probs` gates; logs name a router by this block."""
+        return [i + 1 for i in self.routed(self.config)]
+
+    def hard_executed(self, halt_probs: Tensor, threshold: float) -> Tensor:
+        """Which token hard mode would run in which block (B, T, L), from the routers' outputs alone."""
+        B, T, _ = halt_probs.shape
+        executed = torch.ones(B, T, self.config.n_layer, dtype=torch.bool, device=halt_probs.device)
+        executed[..., self.gated_blocks()] = ~self.skips(halt_probs, threshold)
+        return executed
+
     def depth_term(self, routing: Routing) -> Tensor | None:
         """The paper's depth term mean(1 - p) (weighted by the module): pushes routers towards skipping."""
         return None if routing.halt_probs is None else (1 - routing.halt_probs).mean()

@@ -9,9 +9,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric, Metric, MetricCollection
 
-from tsa_lightning.accounting import ComputeReport, summarize, tally
+from tsa_lightning.accounting import ComputeReport, report, summarize, tally
 from tsa_lightning.baselines import build_model
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
@@ -19,6 +19,7 @@ from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import Mode, Routing, TSAConfig
 
 MODES = ("soft", "hard")
+STAGES = ("val", "test")
 
 
 class ComputeMetric(Metric):
@@ -44,22 +45,23 @@ class ComputeMetric(Metric):
         return summarize(self.config, {name: getattr(self, name) for name in names})
 
 
-class LossMetrics(torch.nn.Module):
+class Nats(MeanMetric):
     """Mean loss in nats per target, weighted by target count so every target counts once."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.nats = MeanMetric()
-
     def update(self, loss: Tensor, targets: Tensor) -> None:
-        self.nats.update(loss.detach(), weight=(targets != IGNORE_INDEX).sum())
+        super().update(loss.detach(), weight=(targets != IGNORE_INDEX).sum())
 
-    def compute(self) -> dict[str, Tensor]:
-        nats = self.nats.compute()
-        return {"loss": nats, "bpc": nats / math.log(2), "ppl": torch.exp(nats)}
 
-    def reset(self) -> None:
-        self.nats.reset()
+class Bits(Nats):
+    """Mean loss in bits per target: bits per character (or per byte), the corpus literature's unit."""
+
+    def compute(self) -> Tensor:
+        return super().compute() / math.log(2)
+
+
+class Perplexity(Nats):
+    def compute(self) -> Tensor:
+        return torch.exp(super().compute())
 
 
 class TSALanguageModel(L.LightningModule):
@@ -96,9 +98,12 @@ class TSALanguageModel(L.LightningModule):
             )
         self.model = build_model(self.config)
         self.codec = Codec(alphabet)
-        self.eval_loss = torch.nn.ModuleDict({mode: LossMetrics() for mode in MODES})
-        self.eval_compute = ComputeMetric(self.config)
-        self.compute_reports: dict[str, ComputeReport] = {}  # the last validation's and test's
+        # one collection per stage and mode, so that Lightning computes, syncs and resets each
+        losses = MetricCollection({"loss": Nats(), "bpc": Bits(), "ppl": Perplexity()}, compute_groups=False)
+        self.eval_loss = torch.nn.ModuleDict(
+            {f"{stage}_{mode}": losses.clone(prefix=f"{stage}/{mode}/") for stage in STAGES for mode in MODES}
+        )
+        self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in STAGES})
         # a compiled function, not a module: the state dict keeps one copy of the weights
         self.train_forward = torch.compile(self.model.forward) if compile else self.model.forward
 
@@ -118,9 +123,11 @@ class TSALanguageModel(L.LightningModule):
         if keep is not None:
             total = total + self.hparams.depth_loss_weight * keep
             self.log("train/keep", keep)
-        if routing.halt_probs is not None:
-            would_skip = self.model.skips(routing.halt_probs, self.config.skip_threshold).float().mean()
-            self.log("train/skip", would_skip, prog_bar=True)
+        if routing.halt_probs is not None and self.global_step % self.trainer.log_every_n_steps == 0:
+            halts = routing.halt_probs.detach()
+            # what hard mode would run on this batch, under the names validation uses
+            executed = self.model.hard_executed(halts, self.config.skip_threshold)
+            self._log_compute("train", report(self.config, Routing(halts, executed)))
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"training loss became {total.item()} at step {self.global_step}; stopped before it could "
@@ -136,22 +143,26 @@ class TSALanguageModel(L.LightningModule):
             "halt_probs": None if routing.halt_probs is None else routing.halt_probs.detach(),
         }
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor]) -> dict[str, Routing]:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Routing]:
         x, y = batch
-        routings = {}
+        losses, routings = {}, {}
         for mode in self.modes:
-            _, loss, routings[mode] = self.model(x, y, mode=mode)
-            self.eval_loss[mode].update(loss, y)
+            _, losses[mode], routings[mode] = self.model(x, y, mode=mode)
+        for mode in MODES:  # the dense twin's hard mode is its soft mode
+            metrics = self.eval_loss[f"{stage}_{mode}"]
+            metrics.update(losses.get(mode, losses["soft"]), y)
+            for name, metric in metrics.items():
+                self.log(name, metric, prog_bar=name.endswith("/bpc"))
         routings.setdefault("hard", routings["soft"])
         # the paper's metric is soft (as published); the executed one comes from hard mode
-        self.eval_compute.update(Routing(routings["soft"].halt_probs, routings["hard"].executed))
+        self.eval_compute[stage].update(Routing(routings["soft"].halt_probs, routings["hard"].executed))
         return routings
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
-        return self._evaluate(batch)
+        return self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
-        return self._evaluate(batch)
+        return self._evaluate(batch, "test")
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Hard mode on held-out windows: the greedy next token and how many blocks each token ran."""
@@ -165,18 +176,27 @@ class TSALanguageModel(L.LightningModule):
         self._log_evaluation("test")
 
     def _log_evaluation(self, stage: str) -> None:
-        results = {mode: self.eval_loss[mode].compute() for mode in self.modes}
-        results.setdefault("hard", results["soft"])  # the dense twin's hard mode is its soft mode
-        for mode, values in results.items():
-            for name, value in values.items():
-                self.log(f"{stage}/{mode}/{name}", value, prog_bar=(name == "bpc"))
-        for metric in self.eval_loss.values():
-            metric.reset()
-        report = self.compute_reports[stage] = self.eval_compute.compute()
-        self.log(f"{stage}/tlops_saved_paper", report.paper_tlops_saved)
-        self.log(f"{stage}/tlops_saved_executed", report.executed_tlops_saved, prog_bar=True)
-        self.log(f"{stage}/flops_saved", report.flops_saved)
-        self.eval_compute.reset()
+        """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
+        metric = self.eval_compute[stage]
+        self._log_compute(stage, metric.compute())
+        metric.reset()
+
+    def _log_compute(self, stage: str, report: ComputeReport) -> None:
+        """The same names at every stage: work saved (executed, FLOPs, the paper's) and each block's share.
+
+        Training values are one batch's, averaged over ranks; evaluation values are already summed
+        over the split and all ranks, so averaging them again changes nothing.
+        """
+        self.log(f"{stage}/tlops_saved_executed", report.executed_tlops_saved, prog_bar=True, sync_dist=True)
+        shares = {f"executed/{stage}/block_{block}": v for block, v in enumerate(report.executed_per_layer)}
+        self.log_dict(
+            {
+                f"{stage}/tlops_saved_paper": report.paper_tlops_saved,
+                f"{stage}/flops_saved": report.flops_saved,
+                **shares,
+            },
+            sync_dist=True,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
