@@ -310,9 +310,10 @@ def test_a_checkpoint_from_before_model_config_is_refused_then_converted(trained
     hparams.update(hparams.pop("config"))  # the flat layout of earlier versions
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
-    for command in ("sample", "validate"):
+    config = f"--config={trained_run / 'runs/cpu/version_0/config.yaml'}"
+    for command in (["sample"], ["validate", config]):
         with pytest.raises(SystemExit) as exit_info:
-            main([command, f"--ckpt_path={old}"])
+            main([*command, f"--ckpt_path={old}"])
         message = str(exit_info.value.code)
         assert "predates model.config" in message and "upgrade_checkpoint" in message and "\n" not in message
     converted = upgrade_checkpoint(str(old))
