@@ -383,6 +383,11 @@ class TSATransformer(nn.Module):
         return (config.n_layer - 1) * router_flops(config)
 
     @property
+    def reported_modes(self) -> tuple[Mode, ...]:
+        """The modes whose metrics mean something: the dense twin's soft and hard mode are one."""
+        return ("soft", "hard") if self.config.routing != "none" else ("soft",)
+
+    @property
     def trained_mode(self) -> Mode:
         """The mode the network was trained as: a straight-through gate trains the hard network."""
         return "hard" if self.config.gate == "straight_through" else "soft"

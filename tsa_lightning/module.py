@@ -35,8 +35,9 @@ class ComputeMetric(Metric):
             "executed_per_layer", torch.zeros(config.n_layer, dtype=torch.float64), dist_reduce_fx="sum"
         )
 
-    def update(self, routing: Routing) -> None:
-        for name, value in tally(self.config, routing).items():
+    def update(self, routing: Routing, valid: Tensor | None = None) -> None:
+        """`valid` (B, T): real positions; padding enters no count."""
+        for name, value in tally(self.config, routing, valid).items():
             setattr(self, name, getattr(self, name) + value.to(self.device))
 
     def compute(self) -> ComputeReport:
@@ -104,8 +105,7 @@ class TSALanguageModel(L.LightningModule):
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """The dense twin has one behaviour; scoring it twice would only cost time."""
-        return MODES if self.config.routing != "none" else ("soft",)
+        return self.model.reported_modes
 
     def forward(self, idx: Tensor, mode: str = "soft") -> Tensor:
         return self.model(idx, mode=mode)[0]
@@ -142,9 +142,10 @@ class TSALanguageModel(L.LightningModule):
         for mode in self.modes:
             _, loss, routings[mode] = self.model(x, y, mode=mode)
             self.eval_loss[mode].update(loss, y)
-        routings.setdefault("hard", routings["soft"])
-        # the paper's metric is soft (as published); the executed one comes from hard mode
-        self.eval_compute.update(Routing(routings["soft"].halt_probs, routings["hard"].executed))
+        routings.setdefault("hard", routings.get("soft"))
+        # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
+        soft = routings.get("soft", routings["hard"])
+        self.eval_compute.update(Routing(soft.halt_probs, routings["hard"].executed), y != IGNORE_INDEX)
         return routings
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
@@ -166,7 +167,7 @@ class TSALanguageModel(L.LightningModule):
 
     def _log_evaluation(self, stage: str) -> None:
         results = {mode: self.eval_loss[mode].compute() for mode in self.modes}
-        results.setdefault("hard", results["soft"])  # the dense twin's hard mode is its soft mode
+        results.setdefault("hard", results.get("soft"))  # the dense twin's hard mode is its soft mode
         for mode, values in results.items():
             for name, value in values.items():
                 self.log(f"{stage}/{mode}/{name}", value, prog_bar=(name == "bpc"))
