@@ -371,6 +371,15 @@ class TSATransformer(nn.Module):
         """Hard mode's rule: a token whose router says p > threshold skips the block."""
         return halt > threshold
 
+    def executed_share(self, routing: Routing, threshold: float) -> Tensor:
+        """The share of routed token-block operations that hard mode runs: what a compute budget controls."""
+        return (~self.skips(routing.halt_probs, threshold)).float().mean()
+
+    @property
+    def steerable(self) -> bool:
+        """Whether a depth term (a depth loss or a compute budget) steers how much this model skips."""
+        return self.routers is not None
+
     def depth_term(self, routing: Routing) -> Tensor | None:
         """The paper's depth term mean(1 - p) (weighted by the module): pushes routers towards skipping."""
         return None if routing.halt_probs is None else (1 - routing.halt_probs).mean()
