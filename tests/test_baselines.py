@@ -1,3 +1,4 @@
+import lightning as L
 import pytest
 import torch
 from torch.nn import functional as F
@@ -6,6 +7,8 @@ from tests.test_model import TINY, tokens
 from tsa_lightning import TSAConfig
 from tsa_lightning.accounting import forward_flops
 from tsa_lightning.baselines import EarlyExitTransformer, MixtureOfDepthsTransformer, build_model
+from tsa_lightning.data import TextDataModule
+from tsa_lightning.module import TSALanguageModel
 
 
 def make(routing: str, seed: int = 0, **overrides):
@@ -132,3 +135,25 @@ def test_routing_flops_and_overhead():
     executed = torch.ones(1, 4, L, dtype=torch.bool)
     dense = forward_flops(TSAConfig(**{**TINY, "routing": "none"}), executed)
     assert forward_flops(ee.config, executed) - dense == 4 * (L - 1) * 2 * C * V
+
+
+def test_mod_reports_only_its_causal_hard_mode(small_corpus):
+    """MoD's soft forward picks top-k over the whole window (it sees the future), so it is never scored."""
+    model = make("mod", mod_every=1)
+    idx = tokens(B=2)
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % TINY["vocab_size"]
+    soft_past_moves = not torch.allclose(model(idx)[0][:, :10], model(changed)[0][:, :10])
+    assert soft_past_moves  # why it must not be reported
+    data = TextDataModule(str(small_corpus), block_size=16, batch_size=4)
+    module = TSALanguageModel(
+        config=TSAConfig(
+            vocab_size=data.vocab_size, block_size=16, n_layer=3, n_head=2, n_embd=16, routing="mod"
+        )
+    )
+    trainer = L.Trainer(
+        limit_val_batches=2, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.validate(module, data, verbose=False)
+    reported = set(trainer.callback_metrics)
+    assert "val/hard/bpc" in reported and not [k for k in reported if k.startswith("val/soft/")]

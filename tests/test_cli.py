@@ -79,7 +79,7 @@ def trained_run(tmp_path_factory, shared_data):
         "--trainer.val_check_interval=6",
         "--trainer.limit_val_batches=3",
         "--halting_histograms.every_n_steps=5",
-        "--model.config.router_bias_init=0.0",  # p starts near the threshold 0.5: some tokens skip from step 0
+        "--model.config.router_bias_init=0.0",  # p starts near the threshold 0.5: some tokens skip
         "--trainer.logger.init_args.name=cpu",
         f"--data.init_args.data_dir={shared_data}",
         cwd=root,

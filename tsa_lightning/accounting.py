@@ -24,8 +24,10 @@ def paper_tlops_saved(alpha: float, n_layer: int) -> float:
     return 1.0 - (1.0 + (n_layer - 1) * alpha) / n_layer
 
 
-def forward_flops(config: TSAConfig, executed: Tensor) -> float:
+def forward_flops(config: TSAConfig, executed: Tensor, valid: Tensor | None = None) -> float:
     """Analytic forward FLOPs (2 per multiply-add) of one batch, given which token ran which block.
+
+    `valid` (B, T) marks real positions; padding of a split's last window costs nothing.
 
     Counted: attention projections, attention scores and weighted values (causal: a token at
     position t reads t + 1 keys), FFN, routing decisions (for every token; each variant knows
@@ -35,6 +37,9 @@ def forward_flops(config: TSAConfig, executed: Tensor) -> float:
     tokens may attend to a skipped token's copied state.
     """
     B, T, L = executed.shape
+    tokens = B * T
+    if valid is not None:
+        executed, tokens = executed & valid[..., None], int(valid.sum())
     C, F, V = config.n_embd, config.ffn_hidden, config.vocab_size
     kept_cost = 2 * C * C + 2 * C * C + 4 * C * F  # query, output projection, FFN
     attention_cost = 4 * C * torch.arange(1, T + 1, dtype=torch.float64, device=executed.device)
@@ -42,27 +47,33 @@ def forward_flops(config: TSAConfig, executed: Tensor) -> float:
     key_value = 4 * C * C * L
     head = 2 * C * V
     deciding = VARIANTS[config.routing].routing_flops_per_token(config)
-    return run + B * T * (key_value + deciding + head)
+    return run + tokens * (key_value + deciding + head)
 
 
-def dense_twin_flops(config: TSAConfig, batch: int, seq_len: int) -> float:
+def dense_twin_flops(config: TSAConfig, batch: int, seq_len: int, valid: Tensor | None = None) -> float:
     dense = replace(config, routing="none")
-    return forward_flops(dense, torch.ones(batch, seq_len, config.n_layer, dtype=torch.bool))
+    device = None if valid is None else valid.device
+    everyone = torch.ones(batch, seq_len, config.n_layer, dtype=torch.bool, device=device)
+    return forward_flops(dense, everyone, valid)
 
 
-def tally(config: TSAConfig, routing: Routing) -> dict[str, Tensor]:
-    """Additive sums of one batch; add tallies of many batches or ranks, then `summarize`."""
+def tally(config: TSAConfig, routing: Routing, valid: Tensor | None = None) -> dict[str, Tensor]:
+    """Additive sums of one batch; add tallies of many batches or ranks, then `summarize`.
+
+    `valid` (B, T) marks real positions (targets that are not padding); None: every position.
+    """
     B, T, _ = routing.executed.shape
+    valid = torch.ones(B, T, dtype=torch.bool, device=routing.executed.device) if valid is None else valid
     halts = routing.halt_probs
+    keep_sum = 0.0 if halts is None else ((1 - halts.double()) * valid[..., None]).sum().item()
+    halt_count = 0 if halts is None else int(valid.sum()) * halts.size(-1)
     return {
-        "keep_sum": torch.tensor(
-            0.0 if halts is None else (1 - halts).double().sum().item(), dtype=torch.float64
-        ),
-        "halt_count": torch.tensor(0 if halts is None else halts.numel(), dtype=torch.float64),
-        "executed_per_layer": routing.executed.double().sum(dim=(0, 1)).cpu(),
-        "tokens": torch.tensor(B * T, dtype=torch.float64),
-        "flops": torch.tensor(forward_flops(config, routing.executed), dtype=torch.float64),
-        "dense_flops": torch.tensor(dense_twin_flops(config, B, T), dtype=torch.float64),
+        "keep_sum": torch.tensor(keep_sum, dtype=torch.float64),
+        "halt_count": torch.tensor(halt_count, dtype=torch.float64),
+        "executed_per_layer": (routing.executed & valid[..., None]).double().sum(dim=(0, 1)).cpu(),
+        "tokens": torch.tensor(int(valid.sum()), dtype=torch.float64),
+        "flops": torch.tensor(forward_flops(config, routing.executed, valid), dtype=torch.float64),
+        "dense_flops": torch.tensor(dense_twin_flops(config, B, T, valid), dtype=torch.float64),
     }
 
 

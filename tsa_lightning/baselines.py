@@ -90,6 +90,12 @@ class MixtureOfDepthsTransformer(TSATransformer):
     def depth_term(self, routing: Routing) -> Tensor | None:
         return None  # capacity fixes the depth; the predictor trains through the auxiliary loss
 
+    @property
+    def reported_modes(self) -> tuple[Mode, ...]:
+        """Hard mode only: the soft (training) forward picks top-k over the whole window, so it sees
+        future tokens, the targets included; its numbers are not a language model's."""
+        return ("hard",)
+
     def capacity(self, seq_len: int) -> int:
         return max(1, round(self.config.mod_capacity * seq_len))
 

@@ -387,6 +387,15 @@ class TSATransformer(nn.Module):
         executed[..., self.gated_blocks()] = ~self.skips(halt_probs, threshold)
         return executed
 
+    def executed_share(self, routing: Routing, threshold: float) -> Tensor:
+        """The share of routed token-block operations that hard mode runs: what a compute budget controls."""
+        return (~self.skips(routing.halt_probs, threshold)).float().mean()
+
+    @property
+    def steerable(self) -> bool:
+        """Whether a depth term (a depth loss or a compute budget) steers how much this model skips."""
+        return self.routers is not None
+
     def depth_term(self, routing: Routing) -> Tensor | None:
         """The paper's depth term mean(1 - p) (weighted by the module): pushes routers towards skipping."""
         return None if routing.halt_probs is None else (1 - routing.halt_probs).mean()
@@ -397,6 +406,11 @@ class TSATransformer(nn.Module):
         if config.routing == "none":
             return 0
         return (config.n_layer - 1) * router_flops(config)
+
+    @property
+    def reported_modes(self) -> tuple[Mode, ...]:
+        """The modes whose metrics mean something: the dense twin's soft and hard mode are one."""
+        return ("soft", "hard") if self.config.routing != "none" else ("soft",)
 
     @property
     def trained_mode(self) -> Mode:

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torchmetrics import MeanMetric, Metric, MetricCollection
 
 from tsa_lightning.accounting import ComputeReport, report, summarize, tally
@@ -16,7 +17,8 @@ from tsa_lightning.baselines import build_model
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.inference import generate_cached
-from tsa_lightning.model import Mode, Routing, TSAConfig
+from tsa_lightning.model import Mode, Routing, TSAConfig, TSATransformer
+from tsa_lightning.runs import read_checkpoint
 
 MODES = ("soft", "hard")
 STAGES = ("val", "test")
@@ -36,8 +38,9 @@ class ComputeMetric(Metric):
             "executed_per_layer", torch.zeros(config.n_layer, dtype=torch.float64), dist_reduce_fx="sum"
         )
 
-    def update(self, routing: Routing) -> None:
-        for name, value in tally(self.config, routing).items():
+    def update(self, routing: Routing, valid: Tensor | None = None) -> None:
+        """`valid` (B, T): real positions; padding enters no count."""
+        for name, value in tally(self.config, routing, valid).items():
             setattr(self, name, getattr(self, name) + value.to(self.device))
 
     def compute(self) -> ComputeReport:
@@ -73,6 +76,18 @@ class TSALanguageModel(L.LightningModule):
     towards skipping). `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
     `compile` runs the training forward (dense, masked: no data-dependent shapes) through
     torch.compile; evaluation and the sparse hard mode stay eager.
+
+    Compute budgets (TSA): `compute_budget` is the share of routed token-block operations (blocks
+    1..L-1) that hard mode should run. The skip threshold becomes a variable of training, moved
+    after every step by dual ascent on the constraint "executed share = budget",
+    `threshold += budget_rate * (budget - executed)` (a stochastic quantile estimate of p), and used
+    by training (straight-through gate), evaluation and sampling alike; it is saved with the
+    weights. The routers learn from the task loss which tokens need a block; the budget says how
+    many get one. No depth-loss weight to tune.
+
+    Retrofitting: `init_from` names a dense checkpoint (routing "none") of the same trunk; training
+    starts from its weights with new routers, and `distill_weight` adds the KL divergence from the
+    dense model's next-token distribution to this model's.
     """
 
     def __init__(
@@ -86,6 +101,10 @@ class TSALanguageModel(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         alphabet: str | None = None,
         compile: bool = False,
+        compute_budget: float | None = None,
+        budget_rate: float = 0.01,
+        init_from: str | None = None,
+        distill_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = config if isinstance(config, TSAConfig) else TSAConfig(**config)
@@ -97,6 +116,13 @@ class TSALanguageModel(L.LightningModule):
                 f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
             )
         self.model = build_model(self.config)
+        if compute_budget is not None:
+            check_budget(self.model, compute_budget, depth_loss_weight)
+            # the learned skip threshold: a buffer, so checkpoints carry it and resumes continue exactly
+            self.register_buffer("budget_threshold", torch.tensor(self.config.skip_threshold))
+        if distill_weight and init_from is None:
+            raise ValueError("distill_weight needs init_from: the dense checkpoint to distil from")
+        self.teacher: TSATransformer | None = None  # set by `setup` when distilling
         self.codec = Codec(alphabet)
         # one collection per stage and mode, so that Lightning computes, syncs and resets each
         losses = MetricCollection({"loss": Nats(), "bpc": Bits(), "ppl": Perplexity()}, compute_groups=False)
@@ -109,20 +135,37 @@ class TSALanguageModel(L.LightningModule):
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """The dense twin has one behaviour; scoring it twice would only cost time."""
-        return MODES if self.config.routing != "none" else ("soft",)
+        return self.model.reported_modes
 
     def forward(self, idx: Tensor, mode: str = "soft") -> Tensor:
         return self.model(idx, mode=mode)[0]
 
+    def setup(self, stage: str) -> None:
+        """Retrofit: the dense trunk's weights before the first step (a resumed run then restores its own)."""
+        if stage != "fit" or self.hparams.init_from is None:
+            return
+        dense = load_dense_trunk(self.hparams.init_from, self.config)
+        self.model.load_state_dict(dense.state_dict(), strict=False)
+        if self.hparams.distill_weight:
+            # a plain attribute, not a submodule: never trained, never in this model's checkpoints
+            object.__setattr__(self, "teacher", dense.to(self.device).eval().requires_grad_(False))
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
-        _, loss, routing = self.train_forward(x, y)
+        logits, loss, routing = self.train_forward(x, y, threshold=self.skip_threshold)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
         keep = self.model.depth_term(routing)
         if keep is not None:
             total = total + self.hparams.depth_loss_weight * keep
-            self.log("train/keep", keep)
+        if self.hparams.compute_budget is not None:
+            self.follow_budget(routing)
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = F.log_softmax(self.teacher(x)[0].float(), dim=-1)
+            student = F.log_softmax(logits.float(), dim=-1)
+            kl = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+            total = total + self.hparams.distill_weight * kl
+            self.log("train/distill_kl", kl)
         if routing.halt_probs is not None and self.global_step % self.trainer.log_every_n_steps == 0:
             halts = routing.halt_probs.detach()
             # what hard mode would run on this batch, under the names validation uses
@@ -143,19 +186,48 @@ class TSALanguageModel(L.LightningModule):
             "halt_probs": None if routing.halt_probs is None else routing.halt_probs.detach(),
         }
 
+    @property
+    def skip_threshold(self) -> float:
+        return (
+            float(self.budget_threshold)
+            if self.hparams.compute_budget is not None
+            else self.config.skip_threshold
+        )
+
+    def follow_budget(self, routing: Routing) -> None:
+        """Dual ascent on the threshold: run more tokens when below budget, fewer when above."""
+        budget = self.hparams.compute_budget
+        executed = self.model.executed_share(routing, self.skip_threshold).detach()
+        executed = self.trainer.strategy.reduce(executed, reduce_op="mean")  # one threshold on every rank
+        self.budget_threshold.add_(self.hparams.budget_rate * (budget - executed)).clamp_(0.0, 1.0)
+        self.config.skip_threshold = float(self.budget_threshold)  # what evaluation and sampling use
+        self.log_dict(
+            {
+                "train/budget": budget,
+                "train/executed_share": executed,
+                "train/skip_threshold": self.skip_threshold,
+            }
+        )
+
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Routing]:
         x, y = batch
         losses, routings = {}, {}
         for mode in self.modes:
             _, losses[mode], routings[mode] = self.model(x, y, mode=mode)
-        for mode in MODES:  # the dense twin's hard mode is its soft mode
+        for mode in MODES:
+            loss = losses.get(mode, losses.get("soft"))  # the dense twin's hard mode is its soft mode
+            if loss is None:
+                continue  # a mode the variant does not report (MoD's soft mode sees the future)
             metrics = self.eval_loss[f"{stage}_{mode}"]
-            metrics.update(losses.get(mode, losses["soft"]), y)
+            metrics.update(loss, y)
             for name, metric in metrics.items():
                 self.log(name, metric, prog_bar=name.endswith("/bpc"))
-        routings.setdefault("hard", routings["soft"])
-        # the paper's metric is soft (as published); the executed one comes from hard mode
-        self.eval_compute[stage].update(Routing(routings["soft"].halt_probs, routings["hard"].executed))
+        routings.setdefault("hard", routings.get("soft"))
+        # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
+        soft = routings.get("soft", routings["hard"])
+        self.eval_compute[stage].update(
+            Routing(soft.halt_probs, routings["hard"].executed), y != IGNORE_INDEX
+        )
         return routings
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
@@ -199,7 +271,12 @@ class TSALanguageModel(L.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, in one line, a checkpoint whose network differs from the one configured."""
+        """Refuse, in one line, a checkpoint whose network differs from the one configured.
+
+        A budgeted model skips at the threshold it learned, which its weights carry.
+        """
+        if "budget_threshold" in checkpoint["state_dict"]:
+            self.config.skip_threshold = float(checkpoint["state_dict"]["budget_threshold"])
         saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
         mismatched = [
             f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
@@ -264,3 +341,43 @@ def upgrade_checkpoint(path: str) -> Path:
     target = Path(path).with_suffix(".upgraded.ckpt")
     torch.save(checkpoint, target)
     return target
+
+
+def check_budget(model: TSATransformer, budget: float, depth_loss_weight: float) -> None:
+    if not model.steerable:
+        raise ValueError(
+            f"compute_budget steers TSA routers; routing {model.config.routing!r} sets its depth otherwise "
+            "(early exit: skip_threshold; Mixture-of-Depths: mod_capacity)"
+        )
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
+    if depth_loss_weight:
+        raise ValueError("give compute_budget or depth_loss_weight, not both: the budget sets the depth term")
+
+
+def load_dense_trunk(path: str, config: TSAConfig) -> TSATransformer:
+    """The dense model a retrofit starts from, refused in one line unless its trunk is this model's."""
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint["hyper_parameters"].get("config")
+    if saved is None:
+        raise ValueError(f"init_from {path} predates model.config; upgrade it with module.upgrade_checkpoint")
+    dense_config = TSAConfig(**saved)
+    if dense_config.routing != "none":
+        raise ValueError(
+            f"init_from {path} is a {dense_config.routing!r} model; retrofitting starts from a dense one "
+            "(routing: none)"
+        )
+    different = [
+        f"{name}={getattr(dense_config, name)!r} (this model: {getattr(config, name)!r})"
+        for name in dense_config.mismatches(config)
+        if name not in ("routing", "router_hidden", "mod_every")  # routing fields: the dense model has none
+    ]
+    if different:
+        raise ValueError(
+            f"init_from {path} has another trunk: {', '.join(different)}; retrofit a dense "
+            "checkpoint of the same shape"
+        )
+    dense = TSATransformer(dense_config)
+    state = checkpoint["state_dict"]
+    dense.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return dense

@@ -1,0 +1,141 @@
+"""Compute budgets and retrofitting: asking for an operating point, and starting from a dense model."""
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import write_corpus
+from tests.test_model import tokens
+from tests.test_robustness import cli_error, fit_on
+from tsa_lightning.data import TextDataModule
+from tsa_lightning.model import TSAConfig
+from tsa_lightning.module import TSALanguageModel
+
+SHAPE = {"block_size": 32, "n_layer": 4, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+
+
+class Shares(L.Callback):
+    """The executed share and the skip threshold the module logs at every step."""
+
+    def __init__(self) -> None:
+        self.executed, self.thresholds = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.executed.append(float(trainer.callback_metrics["train/executed_share"]))
+        self.thresholds.append(float(trainer.callback_metrics["train/skip_threshold"]))
+
+
+def train_with_budget(corpus, budget: float, steps: int = 240) -> tuple[TSALanguageModel, Shares]:
+    L.seed_everything(0, verbose=False)
+    data = TextDataModule(str(corpus), block_size=32, batch_size=8)
+    config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate="straight_through", **SHAPE)
+    module = TSALanguageModel(config, compute_budget=budget, learning_rate=3e-3, warmup_steps=10)
+    shares = Shares()
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[shares],
+    )
+    trainer.fit(module, data)
+    return module, shares
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("budget") / "corpus.txt", n_chars=40_000)
+
+
+def test_a_budget_drives_the_executed_share_to_it(corpus):
+    results = {budget: train_with_budget(corpus, budget) for budget in (0.3, 0.8)}
+    for budget, (module, shares) in results.items():
+        assert shares.executed[0] == 1.0  # routers start open at p ~ 0.27 < 0.5
+        late = sum(shares.executed[-60:]) / 60
+        assert abs(late - budget) < 0.05, (budget, late)
+        assert module.config.skip_threshold == pytest.approx(float(module.budget_threshold))
+        assert len(set(shares.thresholds)) > 10  # the threshold really moved, step by step
+    low, high = (sum(results[b][1].executed[-60:]) / 60 for b in (0.3, 0.8))
+    assert low < high
+
+
+def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
+    module, _ = train_with_budget(corpus, 0.5, steps=40)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "budget.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = TSALanguageModel.load_from_checkpoint(path)
+    assert loaded.config.skip_threshold == pytest.approx(float(module.budget_threshold))
+    assert loaded.config.skip_threshold != 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"compute_budget": 0.0}, "compute_budget must be in (0, 1]"),
+        ({"compute_budget": 0.5, "depth_loss_weight": 0.05}, "not both"),
+        ({"distill_weight": 1.0}, "distill_weight needs init_from"),
+    ],
+)
+def test_budget_and_retrofit_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), **kwargs)
+
+
+def test_a_budget_needs_tsa_routers():
+    with pytest.raises(ValueError, match="steers TSA routers"):
+        TSALanguageModel(TSAConfig(routing="mod", **SHAPE), compute_budget=0.5)
+
+
+def dense_checkpoint(path, **shape) -> TSALanguageModel:
+    torch.manual_seed(0)
+    dense = TSALanguageModel(TSAConfig(vocab_size=11, routing="none", **{**SHAPE, **shape}))
+    with torch.no_grad():
+        for p in dense.parameters():  # weights unlike any fresh initialisation
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save({"state_dict": dense.state_dict(), "hyper_parameters": dict(dense.hparams)}, path)
+    return dense
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_a_retrofit_with_closed_routers_reproduces_the_dense_logits(tmp_path, mode):
+    dense = dense_checkpoint(tmp_path / "dense.ckpt").eval()
+    closed = TSAConfig(vocab_size=11, routing="tsa", router_bias_init=-30.0, **SHAPE)  # p ~ 1e-13
+    retrofit = TSALanguageModel(closed, init_from=str(tmp_path / "dense.ckpt"))
+    retrofit.setup("fit")
+    retrofit.eval()
+    idx = tokens(B=2, T=32)
+    with torch.no_grad():
+        expected = dense.model(idx)[0]
+        logits, _, routing = retrofit.model(idx, mode=mode)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)  # float32 rounding, not bit for bit
+    assert routing.executed.all()
+
+
+def test_a_retrofit_distils_from_the_dense_model(tmp_path):
+    dense_checkpoint(tmp_path / "dense.ckpt")
+    data = TextDataModule(str(write_corpus(tmp_path / "c.txt", alphabet="abcdefghij ")), block_size=32)
+    config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate="straight_through", **SHAPE)
+    module = TSALanguageModel(config, init_from=str(tmp_path / "dense.ckpt"), distill_weight=1.0)
+    trainer = L.Trainer(
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0
+    )
+    trainer.fit(module, data)
+    assert trainer.callback_metrics["train/distill_kl"] >= 0
+    assert not any(name.startswith("teacher") for name in module.state_dict())  # never saved with the model
+
+
+def test_a_retrofit_from_another_shape_is_refused_in_one_line(tmp_path, small_corpus):
+    dense_checkpoint(tmp_path / "dense.ckpt")  # width 32; the command line's model is 16 wide
+    message = cli_error(
+        *fit_on(
+            small_corpus,
+            tmp_path,
+            "--model.config.routing=tsa",
+            f"--model.init_from={tmp_path / 'dense.ckpt'}",
+        )
+    )
+    assert "has another trunk" in message and "n_embd=32 (this model: 16)" in message
