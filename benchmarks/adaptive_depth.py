@@ -14,6 +14,9 @@ seeds) and the bpc-vs-executed-FLOPs plot.
 
     python benchmarks/adaptive_depth.py                      # CPU shape, about an hour on 2 cores
     python benchmarks/adaptive_depth.py --shape paper        # the paper's shape (a GPU run)
+    # issue 12's regime (depth matters): the dense family, one folder per part, then --merge
+    python benchmarks/adaptive_depth.py --shape regime --seeds 0 1 \
+        --variants dense dense_4_blocks dense_3_blocks dense_2_blocks --out benchmarks/results/regime_dense
 """
 
 from __future__ import annotations
