@@ -14,6 +14,9 @@ seeds) and the bpc-vs-executed-FLOPs plot.
 
     python benchmarks/adaptive_depth.py                      # CPU shape, about an hour on 2 cores
     python benchmarks/adaptive_depth.py --shape paper        # the paper's shape (a GPU run)
+    # issue 12's regime (depth matters): the dense family, one folder per part, then --merge
+    python benchmarks/adaptive_depth.py --shape regime --seeds 0 1 \
+        --variants dense dense_4_blocks dense_3_blocks dense_2_blocks --out benchmarks/results/regime_dense
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ SHAPES = {
         "steps": 1200,
         "learning_rate": 2e-3,
     },
+    # issue 12 item 1: a CPU shape in which depth matters (see benchmarks/results/regime/)
+    "regime": {
+        "model": {"n_layer": 6, "n_head": 4, "n_embd": 64, "dropout": 0.1},
+        "data": {"block_size": 128, "batch_size": 32},
+        "steps": 3000,
+        "learning_rate": 2e-3,
+    },
     "paper": {
         "model": {"n_layer": 6, "n_head": 8, "n_embd": 256, "dropout": 0.1},
         "data": {"block_size": 128, "batch_size": 64},
@@ -53,6 +63,7 @@ SHAPES = {
 # name -> model overrides; the hard-mode threshold each is reported at comes from its config
 VARIANTS = {
     "dense": {"routing": "none"},
+    "dense_4_blocks": {"routing": "none", "n_layer": 4},
     "dense_3_blocks": {"routing": "none", "n_layer": 3},
     "dense_2_blocks": {"routing": "none", "n_layer": 2},
     "tsa_published": {"routing": "tsa", "gate": "soft", "depth_loss_weight": 0.0},
@@ -233,10 +244,10 @@ def finish(results: dict, out: Path, shape_name: str) -> None:
         for row in rows[:1]
         if "curve" in row and not name.startswith("dense")
     }
-    curves["dense 2/3/6 blocks"] = sorted(
+    curves["dense 2/3/4/6 blocks"] = sorted(
         (
             {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
-            for n in ("dense_2_blocks", "dense_3_blocks", "dense")
+            for n in ("dense_2_blocks", "dense_3_blocks", "dense_4_blocks", "dense")
             if n in summary
         ),
         key=lambda p: -p["flops_saved"],
@@ -265,7 +276,7 @@ def compare(results: dict) -> dict:
             out[f"{name}_bpc_at_equal_flops"] = statistics.mean(values) if values else None
     small = [
         {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
-        for n in ("dense_2_blocks", "dense_3_blocks", "dense")
+        for n in ("dense_2_blocks", "dense_3_blocks", "dense_4_blocks", "dense")
         if n in summary
     ]
     out["smaller_dense_bpc_at_equal_flops"] = interpolate(small, flops)
@@ -277,8 +288,9 @@ def table(results: dict) -> str:
         f"Tiny Shakespeare test split, hard mode, {results['date']}; "
         f"mean (spread) over seeds {results['seeds']}",
         "",
-        "| model | test bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved |",
-        "|---|---|---|---|---|",
+        "| model | test bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved "
+        "| train s per seed |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in results["summary"].items():
         cells = [f"{s[k]['mean']:.4f} ({s[k]['spread']:.4f})" for k in ("bpc",)]
@@ -286,6 +298,8 @@ def table(results: dict) -> str:
             f"{s[k]['mean']:.1%} ({s[k]['spread']:.1%})" for k in ("executed_tlops_saved", "flops_saved")
         ]
         cells += [f"{s['paper_tlops_saved']['mean']:.1%}"]
+        seconds = [f"{r['train_seconds']:.0f}" for r in results["runs"][name] if "train_seconds" in r]
+        cells += [", ".join(seconds) or "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     c = results["comparisons"]
     if c:
