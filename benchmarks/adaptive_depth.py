@@ -78,6 +78,23 @@ VARIANTS = {
         "depth_loss_weight": 0.05,
         "router_bias_init": -4.0,
     },
+    # compute budgets: the share of routed token-blocks hard mode runs, asked for (issue 12)
+    **{
+        f"tsa_budget_{b}": {"routing": "tsa", "gate": "straight_through", "compute_budget": b}
+        for b in (0.5, 0.7, 0.85)
+    },
+    # retrofits of the same seed's dense twin (train `dense` first, into the same --out), distilled
+    **{
+        f"retrofit_budget_{b}": {
+            "routing": "tsa",
+            "gate": "straight_through",
+            "compute_budget": b,
+            "init_from": "dense",
+            "distill_weight": 1.0,
+            "router_bias_init": -3.0,
+        }
+        for b in (0.5, 0.7, 0.85)
+    },
     "early_exit": {"routing": "early_exit", "skip_threshold": 0.9},
     "mod": {"routing": "mod", "mod_capacity": 0.25, "mod_every": 1},
 }
@@ -91,16 +108,37 @@ DEFAULT_VARIANTS = [
     "mod",
 ]
 THRESHOLDS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95, 0.99, 1.01]
+TRAINING_ARGS = (
+    "depth_loss_weight",
+    "compute_budget",
+    "init_from",
+    "distill_weight",
+)  # the module's, not the net's
+RETROFIT_STEPS = 0.15  # a retrofit trains for this share of the dense twin's steps
 EVAL_BATCH = 64  # windows per evaluation batch: the split is walked once per threshold
 
 
 def train(
-    name: str, overrides: dict, shape: dict, seed: int, data_dir: str | None, out: Path
+    name: str,
+    overrides: dict,
+    shape: dict,
+    seed: int,
+    data_dir: str | None,
+    out: Path,
+    dense_from: Path | None,
 ) -> TSALanguageModel:
     L.seed_everything(seed, verbose=False)
     data = ShakespeareDataModule(data_dir=data_dir, seed=seed, **shape["data"])
-    depth_loss = overrides.get("depth_loss_weight", 0.0)
-    model_args = {k: v for k, v in overrides.items() if k != "depth_loss_weight"}
+    training = {k: v for k, v in overrides.items() if k in TRAINING_ARGS}
+    model_args = {k: v for k, v in overrides.items() if k not in TRAINING_ARGS}
+    steps, warmup = shape["steps"], 100
+    if training.get("init_from") == "dense":  # a retrofit of this seed's dense twin
+        dense = (dense_from or out / "checkpoints") / f"dense_seed{seed}.ckpt"
+        if not dense.is_file():
+            raise SystemExit(
+                f"error: {name} retrofits {dense}; train `dense` first (same --out, or --dense_from)"
+            )
+        training["init_from"], steps, warmup = str(dense), round(RETROFIT_STEPS * steps), 20
     config = TSAConfig(
         vocab_size=data.vocab_size, block_size=shape["data"]["block_size"], **{**shape["model"], **model_args}
     )
@@ -109,11 +147,11 @@ def train(
         alphabet=data.alphabet,
         learning_rate=shape["learning_rate"],
         min_learning_rate=shape["learning_rate"] / 10,
-        warmup_steps=100,
-        depth_loss_weight=depth_loss,
+        warmup_steps=warmup,
+        **training,
     )
     trainer = L.Trainer(
-        max_steps=shape["steps"],
+        max_steps=steps,
         logger=L.pytorch.loggers.TensorBoardLogger(out / "tensorboard", name=f"{name}_seed{seed}"),
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -161,6 +199,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive_depth"))
     parser.add_argument(
+        "--dense_from",
+        type=Path,
+        default=None,
+        help="folder of dense_seed<N>.ckpt to retrofit (default: --out's)",
+    )
+    parser.add_argument(
         "--merge", type=Path, nargs="+", help="no training: merge these result folders' runs into --out"
     )
     args = parser.parse_args()
@@ -193,15 +237,25 @@ def main() -> None:
         results["runs"][name] = []
         for seed in args.seeds:
             t0 = time.time()
-            model = train(name, VARIANTS[name], shape, seed, args.data_dir, args.out).model
+            model = train(name, VARIANTS[name], shape, seed, args.data_dir, args.out, args.dense_from).model
             train_s = time.time() - t0
             routed = model.config.routing != "none"
-            curve = sweep(model, test, THRESHOLDS if routed else [1.0])
+            thresholds = sorted({*THRESHOLDS, model.config.skip_threshold})  # a budget learns its own
+            curve = sweep(model, test, thresholds if routed else [1.0])
             point = at_threshold(curve, model.config.skip_threshold if routed else 1.0)
-            results["runs"][name].append({"seed": seed, "train_seconds": train_s, **point, "curve": curve})
+            steps = model.trainer.global_step
+            routed_share = statistics.mean(point["executed_per_layer"][1:])  # what a budget asks for
+            run = {
+                "seed": seed,
+                "train_seconds": train_s,
+                "train_steps": steps,
+                "routed_executed": routed_share,
+            }
+            results["runs"][name].append({**run, **point, "curve": curve})
             bpc, saved, flops = point["bpc"], point["executed_tlops_saved"], point["flops_saved"]
             print(
-                f"{name} seed {seed}: bpc {bpc:.4f}, executed saved {saved:.1%}, FLOPs saved {flops:.1%}",
+                f"{name} seed {seed}: bpc {bpc:.4f}, executed saved {saved:.1%}, FLOPs saved {flops:.1%}, "
+                f"routed executed {routed_share:.3f}, {steps} steps in {train_s:.0f} s",
                 flush=True,
             )
 

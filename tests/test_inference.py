@@ -79,3 +79,50 @@ def test_sampling_with_cache_stays_in_vocabulary():
     out = generate_cached(model, prompts_of_lengths(2, 5), max_new_tokens=6, temperature=1.0, top_k=3)
     assert [len(o) for o in out] == [8, 11]
     assert all(int(o.max()) < TINY["vocab_size"] for o in out)
+
+
+def test_batched_prefill_equals_position_by_position_prefill():
+    """One hard forward over the prompt fills the cache exactly as feeding it one token at a time."""
+    model = trained_like("tsa")
+    idx = prompts_of_lengths(12)[0][None]
+    model.set_kv_cache(1, 16)
+    batched = model(idx, mode="hard", input_pos=0)
+    batched_cache = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in model.blocks]
+    model.set_kv_cache(1, 16)
+    steps = [model(idx[:, t : t + 1], mode="hard", input_pos=t) for t in range(12)]
+    torch.testing.assert_close(torch.cat([s[0] for s in steps], dim=1), batched[0])
+    assert torch.equal(torch.cat([s[2].executed for s in steps], dim=1), batched[2].executed)
+    for block, (k, v) in zip(model.blocks, batched_cache, strict=True):
+        torch.testing.assert_close(block.attn.kv_cache.k, k)
+        torch.testing.assert_close(block.attn.kv_cache.v, v)
+    model.clear_kv_cache()
+    assert (~batched[2].executed).sum() > 0  # the prompt really skipped blocks
+
+
+def test_long_samples_equal_their_stated_recomputation():
+    """Past block_size: keep the last block_size // 2 tokens, re-read them, go on (README, sample)."""
+    model = trained_like("tsa")
+    window = TINY["block_size"]
+    prompt = prompts_of_lengths(10)[0]
+    out = generate_cached(model, [prompt], max_new_tokens=40, temperature=0)[0]
+    context = prompt.clone()
+    reference = prompt.clone()
+    for _ in range(40):
+        if len(context) > window:
+            context = context[-(window // 2) :]
+        logits = model(context[None], mode="hard")[0][0, -1]  # full recomputation over the context
+        token = logits.argmax()[None]
+        context, reference = torch.cat([context, token]), torch.cat([reference, token])
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_seeded_samples_are_the_same_through_the_cache_and_full_recomputation(top_k):
+    model = trained_like("tsa")
+    model.config.skip_threshold = 0.5
+    prompt = prompts_of_lengths(4)[0]
+    torch.manual_seed(7)
+    cached = generate_cached(model, [prompt], max_new_tokens=10, temperature=1.0, top_k=top_k)[0]
+    torch.manual_seed(7)
+    full = model.generate(prompt[None], max_new_tokens=10, temperature=1.0, top_k=top_k, mode="hard")[0]
+    assert torch.equal(cached, full)
