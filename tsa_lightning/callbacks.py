@@ -89,9 +89,12 @@ class Dashboard(L.Callback):
         writer.add_custom_scalars(LAYOUT)
         # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice,
         # and names with an underscore are LightningCLI's own
+        flat: dict = {}
+        for name, value in pl_module.hparams.items():
+            flat.update(value if isinstance(value, dict) else {name: value})  # model.config's fields by name
         params = {
             name: value if isinstance(value, bool | int | float | str) else str(value)
-            for name, value in pl_module.hparams.items()
+            for name, value in flat.items()
             if name != "alphabet" and not name.startswith("_")
         }
         # only the metric names are written; their values are the scalars the module logs
