@@ -237,13 +237,14 @@ def main() -> None:
         results["runs"][name] = []
         for seed in args.seeds:
             t0 = time.time()
-            model = train(name, VARIANTS[name], shape, seed, args.data_dir, args.out, args.dense_from).model
+            module = train(name, VARIANTS[name], shape, seed, args.data_dir, args.out, args.dense_from)
+            model = module.model
             train_s = time.time() - t0
             routed = model.config.routing != "none"
             thresholds = sorted({*THRESHOLDS, model.config.skip_threshold})  # a budget learns its own
             curve = sweep(model, test, thresholds if routed else [1.0])
             point = at_threshold(curve, model.config.skip_threshold if routed else 1.0)
-            steps = model.trainer.global_step
+            steps = module.trainer.global_step
             routed_share = statistics.mean(point["executed_per_layer"][1:])  # what a budget asks for
             run = {
                 "seed": seed,
