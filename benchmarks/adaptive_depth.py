@@ -95,6 +95,8 @@ VARIANTS = {
         }
         for b in (0.5, 0.7, 0.85)
     },
+    # the retrofits' control: the same dense twin trained (and distilled) for the same extra steps
+    "dense_continued": {"routing": "none", "init_from": "dense", "distill_weight": 1.0},
     "early_exit": {"routing": "early_exit", "skip_threshold": 0.9},
     "mod": {"routing": "mod", "mod_capacity": 0.25, "mod_every": 1},
 }
