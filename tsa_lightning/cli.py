@@ -30,6 +30,7 @@ from tsa_lightning.data import TextDataModule
 from tsa_lightning.evaluation import (
     DEFAULT_THRESHOLDS,
     MAX_THRESHOLD,
+    QUIET,
     markdown_table,
     output_paths,
     sweep,
@@ -249,12 +250,9 @@ def evaluate(
         accelerator=accelerator,
         devices=devices,
         precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=limit_batches,
         limit_test_batches=limit_batches,
+        **QUIET,
     )
     result = sweep(module.model, data, thresholds, split, trainer)
     if trainer.is_global_zero:

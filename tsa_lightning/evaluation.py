@@ -24,6 +24,12 @@ from tsa_lightning.model import Mode, TSATransformer
 from tsa_lightning.module import ComputeMetric
 
 MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever skipped
+QUIET = {  # a scoring Trainer: no logs, checkpoints, progress bar or model summary of its own
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
 DEFAULT_THRESHOLDS = [round(i / 20, 2) for i in range(21)] + [MAX_THRESHOLD]
 
 
@@ -102,9 +108,7 @@ def sweep(
 
     A DataModule is scored on `split`; a DataLoader as it is. The default Trainer is a quiet one.
     """
-    trainer = trainer or L.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = trainer or L.Trainer(**QUIET)
     module = ThresholdSweep(model, thresholds)
     run = trainer.test if split == "test" else trainer.validate
     if isinstance(data, L.LightningDataModule):
