@@ -163,6 +163,10 @@ def train(
         callbacks=[],
     )
     trainer.fit(model, data)
+    if model.hparams.compute_budget is not None:  # a budget's test threshold comes from the validation split
+        L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+            model, data, verbose=False
+        )
     trainer.save_checkpoint(out / "checkpoints" / f"{name}_seed{seed}.ckpt")
     return model
 

@@ -8,8 +8,8 @@ from tests.conftest import write_corpus
 from tests.test_model import tokens
 from tests.test_robustness import cli_error, fit_on
 from tsa_lightning.data import TextDataModule
-from tsa_lightning.model import TSAConfig
-from tsa_lightning.module import TSALanguageModel
+from tsa_lightning.model import Routing, TSAConfig
+from tsa_lightning.module import HaltQuantile, TSALanguageModel
 
 SHAPE = {"block_size": 32, "n_layer": 4, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 
@@ -25,7 +25,9 @@ class Shares(L.Callback):
         self.thresholds.append(float(trainer.callback_metrics["train/skip_threshold"]))
 
 
-def train_with_budget(corpus, budget: float, steps: int = 240) -> tuple[TSALanguageModel, Shares]:
+def train_with_budget(
+    corpus, budget: float, steps: int = 240, validate: bool = False
+) -> tuple[TSALanguageModel, Shares]:
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), block_size=32, batch_size=8)
     config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate="straight_through", **SHAPE)
@@ -37,7 +39,9 @@ def train_with_budget(corpus, budget: float, steps: int = 240) -> tuple[TSALangu
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if validate else 0,
+        val_check_interval=steps if validate else None,
+        num_sanity_val_steps=2,
         callbacks=[shares],
     )
     trainer.fit(module, data)
@@ -61,6 +65,45 @@ def test_a_budget_drives_the_executed_share_to_it(corpus):
     assert low < high
 
 
+def test_the_threshold_follows_routers_that_collapse_towards_zero():
+    """The task loss drives p towards 0; the threshold must follow it into the sigmoid's tail."""
+    module = TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), compute_budget=0.7)
+    L.Trainer(logger=False, enable_progress_bar=False).strategy.connect(module)
+    torch.manual_seed(0)
+    for scale in torch.logspace(0, -6, 60):  # p's whole distribution shrinks 10^6-fold
+        halts = torch.rand(8, 32, SHAPE["n_layer"] - 1) * scale
+        module.follow_budget(Routing(halts, None))
+    executed = (halts <= module.config.skip_threshold).float().mean()
+    assert 0 < module.config.skip_threshold < 1e-5
+    assert abs(executed - 0.7) < 0.05
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6])
+def test_the_halt_quantile_resolves_p_in_the_tails(scale):
+    torch.manual_seed(0)
+    halts = torch.rand(4, 50, 3) * scale
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    valid[:, -10:] = False  # padding: its p must not count
+    halts[~valid] = scale
+    metric = HaltQuantile(0.7)
+    metric.update(halts, valid)
+    share = (halts[valid] <= metric.compute()).float().mean()
+    assert abs(share - 0.7) < 0.01
+
+
+def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus):
+    """Without dropout p sits elsewhere than in training: the validation split sets the threshold."""
+    module, _ = train_with_budget(corpus, 0.6, steps=120, validate=True)
+    calibrated = float(module.calibrated_threshold)
+    assert module.config.skip_threshold == pytest.approx(calibrated)
+    data = TextDataModule(str(corpus), block_size=32, batch_size=8)
+    data.setup("validate")
+    model = module.model.eval()
+    with torch.no_grad():
+        shares = [model(x, mode="hard")[2].executed[..., 1:].float().mean() for x, _ in data.val_dataloader()]
+    assert abs(float(torch.stack(shares).mean()) - 0.6) < 0.03
+
+
 def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
     module, _ = train_with_budget(corpus, 0.5, steps=40)
     trainer = L.Trainer(logger=False, enable_progress_bar=False)
@@ -70,6 +113,9 @@ def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
     loaded = TSALanguageModel.load_from_checkpoint(path)
     assert loaded.config.skip_threshold == pytest.approx(float(module.budget_threshold))
     assert loaded.config.skip_threshold != 0.5
+    module.calibrated_threshold.fill_(0.123)  # once validation has calibrated, that is what evaluation uses
+    trainer.save_checkpoint(path)
+    assert TSALanguageModel.load_from_checkpoint(path).config.skip_threshold == pytest.approx(0.123)
 
 
 @pytest.mark.parametrize(
@@ -77,6 +123,7 @@ def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
     [
         ({"compute_budget": 0.0}, "compute_budget must be in (0, 1]"),
         ({"compute_budget": 0.5, "depth_loss_weight": 0.05}, "not both"),
+        ({"compute_budget": 0.5, "budget_momentum": 0.0}, "budget_momentum must be in (0, 1]"),
         ({"distill_weight": 1.0}, "distill_weight needs init_from"),
     ],
 )

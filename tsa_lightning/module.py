@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -48,6 +49,35 @@ class ComputeMetric(Metric):
         return summarize(self.config, {name: getattr(self, name) for name in names})
 
 
+class HaltQuantile(Metric):
+    """A quantile of the routers' p over a whole split (all ranks), read from a histogram of log-odds.
+
+    A fixed grid in log-odds resolves p deep in the sigmoid's tails, where budgeted routers end up.
+    """
+
+    full_state_update = False
+    BINS, LIMIT = 4096, 40.0
+
+    def __init__(self, q: float) -> None:
+        super().__init__()
+        self.q = q
+        self.add_state("counts", torch.zeros(self.BINS, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, halt_probs: Tensor, valid: Tensor) -> None:
+        """`valid` (B, T): real positions; padding enters no count."""
+        logits = torch.logit(halt_probs[valid].double()).clamp(-self.LIMIT, self.LIMIT)
+        self.counts += torch.histc(logits, self.BINS, -self.LIMIT, self.LIMIT)
+
+    def compute(self) -> Tensor:
+        """The p below which a share q of the counted p lie (linear within a bin)."""
+        cdf = (torch.cumsum(self.counts, 0) / self.counts.sum()).tolist()
+        i = min(bisect.bisect_left(cdf, self.q), self.BINS - 1)
+        below = cdf[i - 1] if i else 0.0
+        within = (self.q - below) / max(cdf[i] - below, 1e-12)
+        width = 2 * self.LIMIT / self.BINS
+        return torch.sigmoid(torch.tensor(-self.LIMIT + width * (i + within), dtype=torch.float64))
+
+
 class Nats(MeanMetric):
     """Mean loss in nats per target, weighted by target count so every target counts once."""
 
@@ -78,12 +108,14 @@ class TSALanguageModel(L.LightningModule):
     torch.compile; evaluation and the sparse hard mode stay eager.
 
     Compute budgets (TSA): `compute_budget` is the share of routed token-block operations (blocks
-    1..L-1) that hard mode should run. The skip threshold becomes a variable of training, moved
-    after every step by dual ascent on the constraint "executed share = budget",
-    `threshold += budget_rate * (budget - executed)` (a stochastic quantile estimate of p), and used
-    by training (straight-through gate), evaluation and sampling alike; it is saved with the
-    weights. The routers learn from the task loss which tokens need a block; the budget says how
-    many get one. No depth-loss weight to tune.
+    1..L-1) that hard mode should run. Training's skip threshold is a running statistic, as
+    BatchNorm's mean is: after every step it moves a share `budget_momentum` of the way to the
+    batch's budget-quantile of p, so the straight-through gate skips the tokens the routers rank
+    highest. A quantile follows p wherever the task loss drives it (a fixed-rate controller fell
+    behind as p collapsed towards 0). Evaluation and sampling use the threshold calibrated at the
+    end of each validation: the same quantile over the whole validation split in hard mode, since
+    p without dropout sits lower than in training (the training threshold ran 0.81 of the blocks
+    held out for a budget of 0.7). Both thresholds are buffers: checkpoints carry them.
 
     Retrofitting: `init_from` names a dense checkpoint (routing "none") of the same trunk; training
     starts from its weights with new routers, and `distill_weight` adds the KL divergence from the
@@ -102,7 +134,7 @@ class TSALanguageModel(L.LightningModule):
         alphabet: str | None = None,
         compile: bool = False,
         compute_budget: float | None = None,
-        budget_rate: float = 0.01,
+        budget_momentum: float = 0.1,
         init_from: str | None = None,
         distill_weight: float = 0.0,
     ) -> None:
@@ -117,9 +149,10 @@ class TSALanguageModel(L.LightningModule):
             )
         self.model = build_model(self.config)
         if compute_budget is not None:
-            check_budget(self.model, compute_budget, depth_loss_weight)
-            # the learned skip threshold: a buffer, so checkpoints carry it and resumes continue exactly
+            check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
             self.register_buffer("budget_threshold", torch.tensor(self.config.skip_threshold))
+            self.register_buffer("calibrated_threshold", torch.tensor(math.nan))  # none before a validation
+            self.val_quantile = HaltQuantile(compute_budget)
         if distill_weight and init_from is None:
             raise ValueError("distill_weight needs init_from: the dense checkpoint to distil from")
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
@@ -152,13 +185,20 @@ class TSALanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
-        logits, loss, routing = self.train_forward(x, y, threshold=self.skip_threshold)
+        logits, loss, routing = self.train_forward(x, y, threshold=self.train_threshold)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
         keep = self.model.depth_term(routing)
         if keep is not None:
             total = total + self.hparams.depth_loss_weight * keep
         if self.hparams.compute_budget is not None:
-            self.follow_budget(routing)
+            executed = self.follow_budget(routing)
+            self.log_dict(
+                {
+                    "train/budget": self.hparams.compute_budget,
+                    "train/executed_share": executed,
+                    "train/skip_threshold": self.train_threshold,
+                }
+            )
         if self.teacher is not None:
             with torch.no_grad():
                 target = F.log_softmax(self.teacher(x)[0].float(), dim=-1)
@@ -169,7 +209,7 @@ class TSALanguageModel(L.LightningModule):
         if routing.halt_probs is not None and self.global_step % self.trainer.log_every_n_steps == 0:
             halts = routing.halt_probs.detach()
             # what hard mode would run on this batch, under the names validation uses
-            executed = self.model.hard_executed(halts, self.config.skip_threshold)
+            executed = self.model.hard_executed(halts, self.train_threshold)
             self._log_compute("train", report(self.config, Routing(halts, executed)))
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -187,27 +227,26 @@ class TSALanguageModel(L.LightningModule):
         }
 
     @property
-    def skip_threshold(self) -> float:
-        return (
-            float(self.budget_threshold)
-            if self.hparams.compute_budget is not None
-            else self.config.skip_threshold
-        )
+    def train_threshold(self) -> float:
+        """The straight-through gate's threshold: the budget's running one, else the configured one."""
+        budgeted = self.hparams.compute_budget is not None
+        return float(self.budget_threshold) if budgeted else self.config.skip_threshold
 
-    def follow_budget(self, routing: Routing) -> None:
-        """Dual ascent on the threshold: run more tokens when below budget, fewer when above."""
+    def follow_budget(self, routing: Routing) -> Tensor:
+        """Move the threshold towards the batch's budget-quantile of p; returns the share this batch ran."""
         budget = self.hparams.compute_budget
-        executed = self.model.executed_share(routing, self.skip_threshold).detach()
-        executed = self.trainer.strategy.reduce(executed, reduce_op="mean")  # one threshold on every rank
-        self.budget_threshold.add_(self.hparams.budget_rate * (budget - executed)).clamp_(0.0, 1.0)
-        self.config.skip_threshold = float(self.budget_threshold)  # what evaluation and sampling use
-        self.log_dict(
-            {
-                "train/budget": budget,
-                "train/executed_share": executed,
-                "train/skip_threshold": self.skip_threshold,
-            }
-        )
+        executed = self.model.executed_share(routing, self.train_threshold).detach()
+        quantile = torch.quantile(routing.halt_probs.detach().float().flatten(), budget)
+        # one threshold on every rank
+        quantile, executed = (self.trainer.strategy.reduce(t, reduce_op="mean") for t in (quantile, executed))
+        self.budget_threshold.lerp_(quantile.to(self.budget_threshold), self.hparams.budget_momentum)
+        self.use_budget_threshold()
+        return executed
+
+    def use_budget_threshold(self) -> None:
+        """What evaluation and sampling skip at: the calibrated threshold once there is one."""
+        calibrated = float(self.calibrated_threshold)
+        self.config.skip_threshold = float(self.budget_threshold) if math.isnan(calibrated) else calibrated
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Routing]:
         x, y = batch
@@ -223,6 +262,8 @@ class TSALanguageModel(L.LightningModule):
             for name, metric in metrics.items():
                 self.log(name, metric, prog_bar=name.endswith("/bpc"))
         routings.setdefault("hard", routings.get("soft"))
+        if stage == "val" and self.hparams.compute_budget is not None:
+            self.val_quantile.update(routings["hard"].halt_probs, y != IGNORE_INDEX)
         # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
         soft = routings.get("soft", routings["hard"])
         self.eval_compute[stage].update(
@@ -243,6 +284,12 @@ class TSALanguageModel(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
+        if self.hparams.compute_budget is not None:
+            if not self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
+                self.calibrated_threshold.fill_(self.val_quantile.compute())
+                self.use_budget_threshold()
+                self.log("val/calibrated_threshold", self.calibrated_threshold)
+            self.val_quantile.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
@@ -275,8 +322,11 @@ class TSALanguageModel(L.LightningModule):
 
         A budgeted model skips at the threshold it learned, which its weights carry.
         """
-        if "budget_threshold" in checkpoint["state_dict"]:
-            self.config.skip_threshold = float(checkpoint["state_dict"]["budget_threshold"])
+        state = checkpoint["state_dict"]
+        if "budget_threshold" in state:
+            self.budget_threshold.copy_(state["budget_threshold"])
+            self.calibrated_threshold.copy_(state.get("calibrated_threshold", math.nan))
+            self.use_budget_threshold()
         saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
         mismatched = [
             f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
@@ -343,7 +393,7 @@ def upgrade_checkpoint(path: str) -> Path:
     return target
 
 
-def check_budget(model: TSATransformer, budget: float, depth_loss_weight: float) -> None:
+def check_budget(model: TSATransformer, budget: float, momentum: float, depth_loss_weight: float) -> None:
     if not model.steerable:
         raise ValueError(
             f"compute_budget steers TSA routers; routing {model.config.routing!r} sets its depth otherwise "
@@ -351,6 +401,8 @@ def check_budget(model: TSATransformer, budget: float, depth_loss_weight: float)
         )
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
     if depth_loss_weight:
         raise ValueError("give compute_budget or depth_loss_weight, not both: the budget sets the depth term")
 
