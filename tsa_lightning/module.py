@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics.utilities import dim_zero_cat
 
 from tsa_lightning.accounting import ComputeReport, report, summarize, tally
 from tsa_lightning.baselines import build_model
@@ -50,32 +50,28 @@ class ComputeMetric(Metric):
 
 
 class HaltQuantile(Metric):
-    """A quantile of the routers' p over a whole split (all ranks), read from a histogram of log-odds.
+    """A quantile of the routers' p over a whole split and all ranks, read exactly from a sample of p.
 
-    A fixed grid in log-odds resolves p deep in the sigmoid's tails, where budgeted routers end up.
+    Each batch contributes at most `per_batch` values, an evenly strided subset (deterministic: no
+    random numbers drawn, so validation never shifts a run's random stream).
     """
 
     full_state_update = False
-    BINS, LIMIT = 4096, 40.0
 
-    def __init__(self, q: float) -> None:
+    def __init__(self, q: float, per_batch: int = 4096) -> None:
         super().__init__()
-        self.q = q
-        self.add_state("counts", torch.zeros(self.BINS, dtype=torch.float64), dist_reduce_fx="sum")
+        self.q, self.per_batch = q, per_batch
+        self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, halt_probs: Tensor, valid: Tensor) -> None:
         """`valid` (B, T): real positions; padding enters no count."""
-        logits = torch.logit(halt_probs[valid].double()).clamp(-self.LIMIT, self.LIMIT)
-        self.counts += torch.histc(logits, self.BINS, -self.LIMIT, self.LIMIT)
+        values = halt_probs[valid].flatten().float()
+        self.values.append(values[:: -(-values.numel() // self.per_batch)])
 
     def compute(self) -> Tensor:
-        """The p below which a share q of the counted p lie (linear within a bin)."""
-        cdf = (torch.cumsum(self.counts, 0) / self.counts.sum()).tolist()
-        i = min(bisect.bisect_left(cdf, self.q), self.BINS - 1)
-        below = cdf[i - 1] if i else 0.0
-        within = (self.q - below) / max(cdf[i] - below, 1e-12)
-        width = 2 * self.LIMIT / self.BINS
-        return torch.sigmoid(torch.tensor(-self.LIMIT + width * (i + within), dtype=torch.float64))
+        """The p at or below which a share q of the sampled p lie."""
+        values = dim_zero_cat(self.values)
+        return torch.kthvalue(values.cpu(), max(1, round(self.q * values.numel()))).values
 
 
 class Nats(MeanMetric):
@@ -109,13 +105,13 @@ class TSALanguageModel(L.LightningModule):
 
     Compute budgets (TSA): `compute_budget` is the share of routed token-block operations (blocks
     1..L-1) that hard mode should run. Training's skip threshold is a running statistic, as
-    BatchNorm's mean is: after every step it moves a share `budget_momentum` of the way to the
-    batch's budget-quantile of p, so the straight-through gate skips the tokens the routers rank
-    highest. A quantile follows p wherever the task loss drives it (a fixed-rate controller fell
-    behind as p collapsed towards 0). Evaluation and sampling use the threshold calibrated at the
-    end of each validation: the same quantile over the whole validation split in hard mode, since
-    p without dropout sits lower than in training (the training threshold ran 0.81 of the blocks
-    held out for a budget of 0.7). Both thresholds are buffers: checkpoints carry them.
+    BatchNorm's mean is: after every step it moves a share `budget_momentum` of the way (in
+    log-odds) to the batch's budget-quantile of p, so the straight-through gate skips the tokens the
+    routers rank highest. A quantile follows p wherever the task loss drives it (a fixed-rate
+    controller fell behind as p collapsed towards 0, and lost the budget). Evaluation and sampling
+    use the threshold calibrated at the end of each validation: the same quantile over the whole
+    validation split in hard mode, since p without dropout need not sit where it did in training.
+    Both thresholds are buffers: checkpoints carry them, resumes continue exactly.
 
     Retrofitting: `init_from` names a dense checkpoint (routing "none") of the same trunk; training
     starts from its weights with new routers, and `distill_weight` adds the KL divergence from the
@@ -236,10 +232,12 @@ class TSALanguageModel(L.LightningModule):
         """Move the threshold towards the batch's budget-quantile of p; returns the share this batch ran."""
         budget = self.hparams.compute_budget
         executed = self.model.executed_share(routing, self.train_threshold).detach()
-        quantile = torch.quantile(routing.halt_probs.detach().float().flatten(), budget)
+        quantile = torch.quantile(routing.halt_probs.detach().double().flatten(), budget)
         # one threshold on every rank
         quantile, executed = (self.trainer.strategy.reduce(t, reduce_op="mean") for t in (quantile, executed))
-        self.budget_threshold.lerp_(quantile.to(self.budget_threshold), self.hparams.budget_momentum)
+        # in log-odds, where p's drift into the sigmoid's tails is a steady walk, not a vanishing one
+        odds = [torch.logit(t.double(), eps=1e-12) for t in (self.budget_threshold, quantile)]
+        self.budget_threshold.copy_(torch.sigmoid(odds[0].lerp(odds[1], self.hparams.budget_momentum)))
         self.use_budget_threshold()
         return executed
 
