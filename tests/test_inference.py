@@ -3,6 +3,7 @@ import torch
 
 from tests.test_baselines import make, spread_predictors
 from tests.test_model import TINY, spread_routers
+from tsa_lightning import model as model_module
 from tsa_lightning.inference import generate_cached
 
 
@@ -126,3 +127,26 @@ def test_seeded_samples_are_the_same_through_the_cache_and_full_recomputation(to
     torch.manual_seed(7)
     full = model.generate(prompt[None], max_new_tokens=10, temperature=1.0, top_k=top_k, mode="hard")[0]
     assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("routing", ["tsa", "none"])
+def test_the_compiled_decoder_equals_the_eager_one(routing):
+    model = trained_like(routing)
+    prompts = prompts_of_lengths(3, 7)
+    eager = generate_cached(model, prompts, max_new_tokens=12, temperature=0)
+    compiled = generate_cached(model, prompts, max_new_tokens=12, temperature=0, compile=True)
+    for got, expected in zip(compiled, eager, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_a_partly_skipped_block_gives_the_same_result_gathered_or_run_for_all(monkeypatch):
+    """Decoding runs such a block for every token and drops the skipped updates; longer inputs gather."""
+    model = trained_like("tsa")
+    idx = prompts_of_lengths(16)[0][None].repeat(3, 1)
+    outputs = {}
+    for gather_from in (0, 10**9):
+        monkeypatch.setattr(model_module, "GATHER_FROM", gather_from)
+        logits, _, routing = model(idx, mode="hard", threshold=0.5)
+        outputs[gather_from] = logits
+    assert 0.1 < routing.executed[..., 1:].float().mean() < 0.9
+    torch.testing.assert_close(outputs[0], outputs[10**9])

@@ -179,6 +179,7 @@ def sample(
     mode: Literal["soft", "hard"] | None = None,
     threshold: float | None = None,
     seed: int = 1337,
+    compile: bool = False,
 ) -> str:
     """Print text sampled from a checkpoint with the KV-cache decoder.
 
@@ -192,6 +193,8 @@ def sample(
             was trained for (hard for a straight-through gate, early exit and Mixture-of-Depths).
         threshold: skip threshold for hard mode, in [0, 1.01] (default: the trained model's).
         seed: random seed for sampling.
+        compile: run the decoding steps through torch.compile (the first call compiles for
+            seconds; see the README's wall-clock section for when it pays).
     """
     check_range("max_new_tokens", max_new_tokens, 1)
     check_range("temperature", temperature, 0)
@@ -200,8 +203,8 @@ def sample(
     module = load_checkpoint(ckpt_path).eval()
     torch.manual_seed(seed)
     mode = mode or module.model.trained_mode
-    text = module.sample(prompt, max_new_tokens, temperature, top_k, mode, threshold)
-    print(f"[{mode} mode, KV-cache decoding]", file=sys.stderr)
+    text = module.sample(prompt, max_new_tokens, temperature, top_k, mode, threshold, compile)
+    print(f"[{mode} mode, KV-cache decoding{', compiled' if compile else ''}]", file=sys.stderr)
     print(prompt + text)
     return text
 

@@ -23,14 +23,17 @@ def generate_cached(
     top_k: int | None = None,
     threshold: float | None = None,
     mode: Mode = "hard",
+    compile: bool = False,
 ) -> list[Tensor]:
     """Sample with a key/value cache; prompts may differ in length. Returns prompt + new tokens.
 
     Within block_size tokens this equals sampling by full recomputation. Learned position
     embeddings allow no more, so a longer sample re-reads its last block_size // 2 tokens into a
-    fresh cache whenever the cache is full.
+    fresh cache whenever the cache is full. `compile` runs the steps through torch.compile (dynamic
+    shapes: one graph serves every position; the first call pays the compilation).
     """
     model.eval()
+    forward = torch.compile(model, dynamic=True) if compile else model
     if min(len(p) for p in prompts) < 1:
         raise ValueError("every prompt needs at least one token")
     device = model.wte.weight.device
@@ -47,11 +50,10 @@ def generate_cached(
                 context = context[:, -(window // 2 if step else window) :]
                 start = (pads - (tokens.size(1) - context.size(1))).clamp(min=0)
                 model.set_kv_cache(len(prompts), window, start)
-                logits = model(context, mode=mode, threshold=threshold, input_pos=0)[0]
+                logits = forward(context, mode=mode, threshold=threshold, input_pos=0)[0]
             else:
-                logits = model(
-                    context[:, -1:], mode=mode, threshold=threshold, input_pos=context.size(1) - 1
-                )[0]
+                last = context.size(1) - 1
+                logits = forward(context[:, -1:], mode=mode, threshold=threshold, input_pos=last)[0]
             token = sample_next(logits[:, -1], temperature, top_k)[:, None]
             tokens, context = torch.cat([tokens, token], dim=1), torch.cat([context, token], dim=1)
     finally:

@@ -205,6 +205,11 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+# Fewer tokens than this in a forward (batch x length: decoding steps) run a partly skipped block
+# for every token instead of gathering the kept ones; benchmarks/speed.py measures the crossover.
+GATHER_FROM = 32
+
+
 class Block(nn.Module):
     """A standard pre-norm block; TSA only rescales its residual updates."""
 
@@ -221,18 +226,28 @@ class Block(nn.Module):
     ) -> Tensor:
         """Tokens with `kept` (B, T) run (None: all), their updates scaled by `keep` (B, T, 1; None: 1).
 
-        Dense when every token runs; gather, compute, scatter when some do; nothing when none do
-        (unless a KV cache must still receive their keys and values).
+        Dense when every token runs; nothing when none does (but a KV cache still receives their
+        keys and values). When some do: gather, compute, scatter - unless there are fewer than
+        `GATHER_FROM` tokens (decoding), where gathering costs more than the rows it saves, and the
+        block runs for all with the skipped tokens' updates dropped (the same result).
         """
         if kept is None or kept.all():
-            x = x + scale_update(self.dropout(self.attn(self.ln_1(x), input_pos=input_pos)), keep)
-            return x + scale_update(self.dropout(self.mlp(self.ln_2(x))), keep)
-        if not kept.any() and self.attn.kv_cache is None:
+            return self.update(x, keep, input_pos)
+        if not kept.any():
+            if self.attn.kv_cache is not None:
+                self.attn(self.ln_1(x), kept, input_pos)  # writes keys and values, runs no query
             return x
+        if kept.numel() < GATHER_FROM:
+            return torch.where(kept[..., None], self.update(x, keep, input_pos), x)
         h, w = x[kept], None if keep is None else keep[kept]
         h = h + scale_update(self.dropout(self.attn(self.ln_1(x), kept, input_pos)), w)
         h = h + scale_update(self.dropout(self.mlp(self.ln_2(h))), w)
         return x.masked_scatter(kept[..., None], h)
+
+    def update(self, x: Tensor, keep: Tensor | None, input_pos: int) -> Tensor:
+        """The block for every token."""
+        x = x + scale_update(self.dropout(self.attn(self.ln_1(x), input_pos=input_pos)), keep)
+        return x + scale_update(self.dropout(self.mlp(self.ln_2(x))), keep)
 
 
 def router_flops(config: TSAConfig) -> int:

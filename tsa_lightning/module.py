@@ -373,12 +373,13 @@ class TSALanguageModel(L.LightningModule):
         top_k: int | None = None,
         mode: Mode | None = None,
         threshold: float | None = None,
+        compile: bool = False,
     ) -> str:
         """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for."""
         idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
         mode = mode or self.model.trained_mode
-        out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode)[0]
-        return self.codec.decode(out[len(idx) :])
+        out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode, compile)
+        return self.codec.decode(out[0][len(idx) :])
 
 
 def upgrade_checkpoint(path: str) -> Path:
