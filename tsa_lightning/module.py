@@ -52,21 +52,26 @@ class ComputeMetric(Metric):
 class HaltQuantile(Metric):
     """A quantile of the routers' p over a whole split and all ranks, read exactly from a sample of p.
 
-    Each batch contributes at most `per_batch` values, an evenly strided subset (deterministic: no
-    random numbers drawn, so validation never shifts a run's random stream).
+    Each batch contributes at most `per_batch` values, drawn at random by the metric's own
+    generator (validation never shifts the run's random stream; a stride would alias with the
+    blocks or positions).
     """
 
     full_state_update = False
 
-    def __init__(self, q: float, per_batch: int = 4096) -> None:
+    def __init__(self, q: float, per_batch: int = 16384) -> None:
         super().__init__()
         self.q, self.per_batch = q, per_batch
+        self.generator = torch.Generator().manual_seed(0)
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, halt_probs: Tensor, valid: Tensor) -> None:
         """`valid` (B, T): real positions; padding enters no count."""
         values = halt_probs[valid].flatten().float()
-        self.values.append(values[:: -(-values.numel() // self.per_batch)])
+        if values.numel() > self.per_batch:
+            chosen = torch.randperm(values.numel(), generator=self.generator)[: self.per_batch]
+            values = values[chosen.to(values.device)]
+        self.values.append(values)
 
     def compute(self) -> Tensor:
         """The p at or below which a share q of the sampled p lie."""
@@ -148,6 +153,7 @@ class TSALanguageModel(L.LightningModule):
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
             self.register_buffer("budget_threshold", torch.tensor(self.config.skip_threshold))
             self.register_buffer("calibrated_threshold", torch.tensor(math.nan))  # none before a validation
+            self.register_buffer("calibrated_at", torch.tensor(-1))  # the step it was calibrated at
             self.val_quantile = HaltQuantile(compute_budget)
         if distill_weight and init_from is None:
             raise ValueError("distill_weight needs init_from: the dense checkpoint to distil from")
@@ -284,13 +290,26 @@ class TSALanguageModel(L.LightningModule):
         self._log_evaluation("val")
         if self.hparams.compute_budget is not None:
             if not self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
-                self.calibrated_threshold.fill_(self.val_quantile.compute())
-                self.use_budget_threshold()
+                self.calibrate(self.val_quantile.compute())
                 self.log("val/calibrated_threshold", self.calibrated_threshold)
             self.val_quantile.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
+
+    def calibrate(self, quantile: Tensor) -> None:
+        """Skip at the validation split's quantile; validating again at the same step refines it.
+
+        Moving the threshold changes which blocks earlier tokens ran, and so the p that later
+        routers see: a second and third validation of a finished run step half-way (in log-odds)
+        from the last threshold to the new quantile, which settles where the share is the budget.
+        """
+        if int(self.calibrated_at) == self.global_step:
+            odds = [torch.logit(t.double(), eps=1e-12) for t in (self.calibrated_threshold, quantile)]
+            quantile = torch.sigmoid(odds[0].lerp(odds[1], 0.5))
+        self.calibrated_threshold.fill_(float(quantile))
+        self.calibrated_at.fill_(self.global_step)
+        self.use_budget_threshold()
 
     def _log_evaluation(self, stage: str) -> None:
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
@@ -321,9 +340,11 @@ class TSALanguageModel(L.LightningModule):
         A budgeted model skips at the threshold it learned, which its weights carry.
         """
         state = checkpoint["state_dict"]
-        if "budget_threshold" in state:
-            self.budget_threshold.copy_(state["budget_threshold"])
-            self.calibrated_threshold.copy_(state.get("calibrated_threshold", math.nan))
+        if "budget_threshold" in state:  # budgeted runs from before validation calibrated have none
+            state.setdefault("calibrated_threshold", torch.tensor(math.nan))
+            state.setdefault("calibrated_at", torch.tensor(-1))
+            for name in ("budget_threshold", "calibrated_threshold", "calibrated_at"):
+                getattr(self, name).copy_(state[name])
             self.use_budget_threshold()
         saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
         mismatched = [
