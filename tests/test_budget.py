@@ -66,12 +66,17 @@ def test_a_budget_drives_the_executed_share_to_it(corpus):
     assert low < high
 
 
-def test_the_threshold_follows_routers_that_collapse_towards_zero():
-    """The task loss drives p towards 0; the threshold must follow it into the sigmoid's tail."""
-    module = TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), compute_budget=0.7)
+def attached(module: TSALanguageModel) -> TSALanguageModel:
+    """A module with a trainer at step 0, as inside a loop."""
     trainer = L.Trainer(logger=False, enable_progress_bar=False)
     trainer.strategy.connect(module)
     module.trainer = trainer
+    return module
+
+
+def test_the_threshold_follows_routers_that_collapse_towards_zero():
+    """The task loss drives p towards 0; the threshold must follow it into the sigmoid's tail."""
+    module = attached(TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), compute_budget=0.7))
     torch.manual_seed(0)
     for scale in [*torch.logspace(0, -6, 100), *[1e-6] * 40]:  # p shrinks 10^6-fold, then settles
         halts = torch.rand(8, 32, SHAPE["n_layer"] - 1) * scale
@@ -108,6 +113,17 @@ def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus)
     with torch.no_grad():
         shares = [model(x, mode="hard")[2].executed[..., 1:].float().mean() for x, _ in data.val_dataloader()]
     assert abs(float(torch.stack(shares).mean()) - 0.6) < 0.03
+
+
+def test_validating_again_at_the_same_step_refines_the_threshold_half_way():
+    module = attached(TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), compute_budget=0.7))
+    module.calibrate(torch.tensor(0.1))
+    assert module.config.skip_threshold == pytest.approx(0.1)
+    module.calibrate(torch.tensor(0.9))  # logit(0.1) = -logit(0.9): half-way is p = 0.5
+    assert module.config.skip_threshold == pytest.approx(0.5)
+    module.calibrated_at.fill_(-1)  # a validation after more training starts afresh
+    module.calibrate(torch.tensor(0.9))
+    assert module.config.skip_threshold == pytest.approx(0.9)
 
 
 def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
