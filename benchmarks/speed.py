@@ -3,9 +3,13 @@
 Measures, side by side in one process (alternating, several repeats, median):
 - full-sequence forward tokens/s at batch 1, 8, 64 and ctx 128, 256 (up to the model's block_size),
   with the executed skip fraction and FLOPs measured on real text (test-split windows);
-- KV-cache greedy decoding tokens/s at batch 1 and 8;
-- one training step (forward, backward, AdamW) of the TSA model, its dense twin, and a plain
-  straightforward PyTorch GPT of the same shape;
+- KV-cache greedy decoding tokens/s at batch 1 and 8, eager and compiled, against the FLOPs ideal;
+  at batch 8 also at forced skip rates (20-60%), with partly skipped blocks gathered or run for
+  all rows (the `GATHER_FROM` crossover);
+- `sample` (what `cli.py sample` runs) of 500 tokens for both checkpoints, and the dense twin's
+  cached decoding against full recomputation;
+- one training step (forward, backward, AdamW) of the TSA model (soft and straight-through gate),
+  its dense twin and a plain PyTorch GPT, at the checkpoints' shape and the paper's;
 - peak memory of each forward (CUDA: the allocator's peak; CPU: the profiler's allocation record).
 
     python benchmarks/speed.py --dense runs/bench/dense.ckpt --tsa runs/bench/tsa.ckpt
@@ -27,11 +31,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from tsa_lightning import model as model_module
 from tsa_lightning.accounting import report
 from tsa_lightning.data import ShakespeareDataModule
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, TSATransformer
 from tsa_lightning.module import TSALanguageModel
+
+PAPER_SHAPE = {"n_layer": 6, "n_embd": 256, "n_head": 8, "ffn_hidden": 1024, "block_size": 128}
 
 
 class PlainGPT(nn.Module):
@@ -104,11 +111,9 @@ def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
             x = windows(tokens, batch, ctx, device)
             with torch.inference_mode():
                 rep = report(tsa.config, tsa(x, mode="hard")[2])
-                t = alternate(
-                    {"dense": lambda x=x: dense(x), "tsa_hard": lambda x=x: tsa(x, mode="hard")},
-                    repeats,
-                    device,
-                )
+                fns = {"dense": lambda x=x: dense(x), "tsa_hard": lambda x=x: tsa(x, mode="hard")}
+                fns["tsa_run_for_all"] = gathering(fns["tsa_hard"], NEVER)
+                t = alternate(fns, repeats, device)
             ideal = 1 / (1 - rep.flops_saved)
             speedup = t["dense"] / t["tsa_hard"]
             rows.append(
@@ -122,41 +127,122 @@ def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
                     "flops_saved": rep.flops_saved,
                     "ideal_speedup": ideal,
                     "fraction_of_ideal": speedup / ideal,
+                    "gathers": batch * ctx >= model_module.GATHER_FROM,
+                    "speedup_run_for_all": t["dense"] / t["tsa_run_for_all"],
                 }
             )
     return rows
 
 
+NEVER = 2**62  # a GATHER_FROM no input reaches: partly skipped blocks always run for all tokens
+
+
+def gathering(fn, gather_from: int):
+    """`fn` with partly skipped blocks gathered from `gather_from` tokens on (see model.GATHER_FROM)."""
+
+    def run():
+        default, model_module.GATHER_FROM = model_module.GATHER_FROM, gather_from
+        try:
+            return fn()
+        finally:
+            model_module.GATHER_FROM = default
+
+    return run
+
+
 def decode_speed(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[dict]:
+    """Cached greedy decoding, eager and compiled, at the TSA checkpoint's own threshold."""
     rows = []
     for batch in (1, 8):
         prompts = list(windows(tokens, batch, 16, device))
         n = min(new_tokens, tsa.config.block_size - 16)
+        for compiled in (False, True):
 
-        def run(model, prompts=prompts, n=n):
-            return lambda: generate_cached(model, prompts, n, temperature=0)
+            def run(model, prompts=prompts, n=n, compiled=compiled):
+                return lambda: generate_cached(model, prompts, n, temperature=0, compile=compiled)
 
-        t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
-        with torch.inference_mode():  # cached decisions equal the full-sequence hard forward's
-            generated = torch.stack(generate_cached(tsa, prompts, n, temperature=0))
-            executed = tsa(generated, mode="hard")[2].executed[:, 16:]
-        rows.append(
-            {
-                "batch": batch,
-                "new_tokens": n,
-                "dense_tok_s": batch * n / t["dense"],
-                "tsa_tok_s": batch * n / t["tsa"],
-                "speedup": t["dense"] / t["tsa"],
-                "executed_skip": 1 - executed.float().mean().item(),
-            }
-        )
+            t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
+            rows.append({"batch": batch, "compiled": compiled, **decode_row(tsa, prompts, n, t)})
     return rows
 
 
+def decode_row(tsa, prompts, n: int, t: dict) -> dict:
+    """Speedup of one decoding comparison, with the skip and FLOPs of what TSA generated."""
+    with torch.inference_mode():  # cached decisions equal the full-sequence hard forward's
+        generated = torch.stack(generate_cached(tsa, prompts, n, temperature=0))
+        routing = tsa(generated, mode="hard")[2]
+    start = len(prompts[0])
+    new = type(routing)(routing.halt_probs[:, start:], routing.executed[:, start:])
+    rep = report(tsa.config, new)
+    ideal = 1 / (1 - rep.flops_saved)
+    batch = len(prompts)
+    return {
+        "new_tokens": n,
+        "dense_tok_s": batch * n / t["dense"],
+        "tsa_tok_s": batch * n / t["tsa"],
+        "speedup": t["dense"] / t["tsa"],
+        "executed_skip": rep.executed_tlops_saved,
+        "flops_saved": rep.flops_saved,
+        "ideal_speedup": ideal,
+        "fraction_of_ideal": t["dense"] / t["tsa"] / ideal,
+    }
+
+
+def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[dict]:
+    """Batch-8 decoding at forced skip rates, partly skipped blocks gathered or run for all rows."""
+    prompts = list(windows(tokens, 8, 16, device))
+    n = min(new_tokens, tsa.config.block_size - 16)
+    with torch.inference_mode():
+        halts = tsa(windows(tokens, 64, tsa.config.block_size, device), mode="hard")[2].halt_probs
+    rows = []
+    for skip in (0.2, 0.4, 0.6):
+        threshold = float(torch.quantile(halts.flatten().float()[:100_000], 1 - skip))
+        for gather_from, label in ((NEVER, "run for all"), (0, "gathered")):
+
+            def run(model, threshold=threshold, gather_from=gather_from):
+                fn = lambda: generate_cached(model, prompts, n, temperature=0, threshold=threshold)  # noqa: E731
+                return gathering(fn, gather_from)
+
+            t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
+            saved, tsa.config.skip_threshold = tsa.config.skip_threshold, threshold
+            row = decode_row(tsa, prompts, n, t)
+            tsa.config.skip_threshold = saved
+            rows.append(
+                {"batch": 8, "target_skip": skip, "threshold": threshold, "partly_skipped": label, **row}
+            )
+    return rows
+
+
+def sample_speed(dense_module, tsa_module, repeats: int, new_tokens: int = 500) -> dict:
+    """`sample` as the CLI runs it, for both checkpoints; the dense twin's cache against recomputation."""
+    prompt = "\n"
+    idx = torch.tensor(dense_module.codec.encode(prompt), device=dense_module.device)[None]
+    t = alternate(
+        {
+            "dense": lambda: dense_module.sample(prompt, new_tokens, temperature=0),
+            "tsa": lambda: tsa_module.sample(prompt, new_tokens, temperature=0),
+            "dense_full_recompute": lambda: dense_module.model.generate(idx, new_tokens, temperature=0),
+        },
+        max(1, repeats),
+        dense_module.device,
+    )
+    return {
+        "new_tokens": new_tokens,
+        **{f"{name}_s": v for name, v in t.items()},
+        "tsa_over_dense": t["tsa"] / t["dense"],
+        "cached_speedup_over_recompute": t["dense_full_recompute"] / t["dense"],
+    }
+
+
 def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) -> dict:
+    """One optimizer step each; dropout off, as in the plain GPT, so all four do the same computation."""
     torch.manual_seed(0)
+    tsa_config = replace(tsa_config, dropout=0.0)
     models = {
-        "tsa": TSATransformer(tsa_config).to(device),
+        "tsa_soft": TSATransformer(replace(tsa_config, routing="tsa", gate="soft")).to(device),
+        "tsa_straight_through": TSATransformer(
+            replace(tsa_config, routing="tsa", gate="straight_through")
+        ).to(device),
         "dense_twin": TSATransformer(replace(tsa_config, routing="none")).to(device),
         "plain_gpt": PlainGPT(tsa_config).to(device),
     }
@@ -164,6 +250,7 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
 
     def step(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model.train()
 
         def run():
             out = model(x, x)
@@ -175,11 +262,14 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
         return run
 
     t = alternate({name: step(m) for name, m in models.items()}, repeats, device)
+    c = tsa_config
     return {
+        "shape": f"{c.n_layer}x{c.n_embd}, {c.n_head} heads",
         "batch": batch,
         "ctx": ctx,
         **{f"{name}_ms": 1e3 * v for name, v in t.items()},
-        "tsa_over_dense": t["tsa"] / t["dense_twin"],
+        "soft_over_dense": t["tsa_soft"] / t["dense_twin"],
+        "straight_through_over_dense": t["tsa_straight_through"] / t["dense_twin"],
         "dense_over_plain": t["dense_twin"] / t["plain_gpt"],
     }
 
@@ -216,33 +306,58 @@ def table(result: dict) -> str:
     lines = [f"speed benchmark, {result['date']}, {result['machine']}", ""]
     lines += [
         "| ctx | batch | dense tok/s | TSA hard tok/s | speedup | executed skip | FLOPs saved | ideal "
-        "| of ideal |"
+        "| of ideal | gathers | speedup, run for all |"
     ]
-    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["forward"]:
         lines.append(
             f"| {r['ctx']} | {r['batch']} | {r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | "
             f"{r['speedup']:.2f}x | {r['executed_skip']:.1%} | {r['flops_saved']:.1%} | "
-            f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |"
+            f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} | {'yes' if r['gathers'] else 'no'} | "
+            f"{r['speedup_run_for_all']:.2f}x |"
         )
     lines += [
         "",
-        "| decode batch | new tokens | dense tok/s | TSA tok/s | speedup | executed skip |",
-        "|---|---|---|---|---|---|",
+        "| decode batch | compiled | new tokens | dense tok/s | TSA tok/s | speedup | executed skip "
+        "| FLOPs saved | of ideal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["decode"]:
         lines.append(
-            f"| {r['batch']} | {r['new_tokens']} | {r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | "
-            f"{r['speedup']:.2f}x | {r['executed_skip']:.1%} |"
+            f"| {r['batch']} | {'yes' if r['compiled'] else 'no'} | {r['new_tokens']} | "
+            f"{r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['executed_skip']:.1%} | {r['flops_saved']:.1%} | {r['fraction_of_ideal']:.2f} |"
         )
-    t = result["train"]
     lines += [
         "",
-        f"training step (batch {t['batch']}, ctx {t['ctx']}): TSA {t['tsa_ms']:.1f} ms, dense twin "
-        f"{t['dense_twin_ms']:.1f} ms, plain GPT {t['plain_gpt_ms']:.1f} ms; "
-        f"TSA/dense {t['tsa_over_dense']:.3f}, dense/plain {t['dense_over_plain']:.3f}",
-        f"peak forward memory: {json.dumps(result['memory'])}",
+        "| batch 8, forced skip | partly skipped blocks | executed skip | speedup | of ideal |",
+        "|---|---|---|---|---|",
     ]
+    for r in result["skip_sweep"]:
+        lines.append(
+            f"| {r['target_skip']:.0%} | {r['partly_skipped']} | {r['executed_skip']:.1%} | "
+            f"{r['speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |"
+        )
+    m = result["sample"]
+    lines += [
+        "",
+        f"`sample` of {m['new_tokens']} tokens (greedy): dense {m['dense_s']:.2f} s, TSA {m['tsa_s']:.2f} s "
+        f"(TSA/dense {m['tsa_over_dense']:.2f}); dense full recomputation "
+        f"{m['dense_full_recompute_s']:.2f} s "
+        f"(cache {m['cached_speedup_over_recompute']:.1f}x faster)",
+        "",
+        "| training step | batch x ctx | TSA soft ms | TSA straight-through ms | dense twin ms "
+        "| plain GPT ms | soft/dense | ST/dense | dense/plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in result["train"]:
+        lines.append(
+            f"| {t['shape']} | {t['batch']}x{t['ctx']} | {t['tsa_soft_ms']:.1f} | "
+            f"{t['tsa_straight_through_ms']:.1f} | {t['dense_twin_ms']:.1f} | {t['plain_gpt_ms']:.1f} | "
+            f"{t['soft_over_dense']:.3f} | "
+            f"{t['straight_through_over_dense']:.3f} | {t['dense_over_plain']:.3f} |"
+        )
+    lines += ["", f"peak forward memory: {json.dumps(result['memory'])}"]
     return "\n".join(lines)
 
 
@@ -265,9 +380,10 @@ def main() -> None:
     device = torch.device(args.device)
 
     def load(path):
-        return TSALanguageModel.load_from_checkpoint(path, map_location=device).model.eval()
+        return TSALanguageModel.load_from_checkpoint(path, map_location=device).eval()
 
-    dense, tsa = load(args.dense), load(args.tsa)
+    dense_module, tsa_module = load(args.dense), load(args.tsa)
+    dense, tsa = dense_module.model, tsa_module.model
     data = ShakespeareDataModule(data_dir=args.data_dir)
     data.setup()
     tokens = data.splits["test"]
@@ -284,7 +400,12 @@ def main() -> None:
         "skip_threshold": c.skip_threshold,
         "forward": forward_speed(dense, tsa, tokens, device, args.repeats),
         "decode": decode_speed(dense, tsa, tokens, device, max(3, args.repeats // 2), args.new_tokens),
-        "train": train_speed(c, device, args.repeats, batch=16, ctx=min(128, c.block_size)),
+        "skip_sweep": skip_rate_sweep(dense, tsa, tokens, device, max(1, args.repeats // 2), args.new_tokens),
+        "sample": sample_speed(dense_module, tsa_module, max(1, args.repeats // 2)),
+        "train": [
+            train_speed(c, device, args.repeats, batch=32, ctx=min(128, c.block_size)),
+            train_speed(replace(c, **PAPER_SHAPE), device, args.repeats, batch=32, ctx=128),
+        ],
         "memory": peak_memory(dense, tsa, tokens, device, batch=64, ctx=min(128, c.block_size)),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
