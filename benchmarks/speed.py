@@ -166,6 +166,24 @@ def decode_speed(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[d
     return rows
 
 
+def paper_shape_models(vocab_size: int, tokens, device, skip: float = 0.3):
+    """A dense twin and a TSA model at the paper's shape, untrained, the TSA threshold set to `skip`.
+
+    Speed depends on which blocks run, not on what the weights say: the threshold is the quantile
+    of the (random) routers' p on real text that skips a share `skip` of routed blocks.
+    """
+    torch.manual_seed(0)
+    config = TSAConfig(
+        vocab_size=vocab_size, routing="tsa", gate="straight_through", dropout=0.0, **PAPER_SHAPE
+    )
+    tsa = TSATransformer(config).to(device).eval()
+    dense = TSATransformer(replace(config, routing="none")).to(device).eval()
+    with torch.inference_mode():
+        halts = tsa(windows(tokens, 16, config.block_size, device), mode="hard", threshold=1.01)[2].halt_probs
+    tsa.config.skip_threshold = float(torch.quantile(halts.flatten().float(), 1 - skip))
+    return dense, tsa
+
+
 def decode_row(tsa, prompts, n: int, t: dict) -> dict:
     """Speedup of one decoding comparison, with the skip and FLOPs of what TSA generated."""
     with torch.inference_mode():  # cached decisions equal the full-sequence hard forward's
@@ -318,11 +336,11 @@ def table(result: dict) -> str:
         )
     lines += [
         "",
-        "| decode batch | compiled | new tokens | dense tok/s | TSA tok/s | speedup | executed skip "
-        "| FLOPs saved | of ideal |",
+        "| decode batch (checkpoints, then paper shape) | compiled | new tokens | dense tok/s | TSA tok/s "
+        "| speedup | executed skip | FLOPs saved | of ideal |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["decode"]:
+    for r in result["decode"] + result["decode_paper_shape"]:
         lines.append(
             f"| {r['batch']} | {'yes' if r['compiled'] else 'no'} | {r['new_tokens']} | "
             f"{r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | {r['speedup']:.2f}x | "
@@ -388,6 +406,7 @@ def main() -> None:
     data.setup()
     tokens = data.splits["test"]
     c = tsa.config
+    decode_repeats = max(3, args.repeats // 2)
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if device.type == "cuda":
@@ -399,7 +418,10 @@ def main() -> None:
         "shape": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "block_size": c.block_size},
         "skip_threshold": c.skip_threshold,
         "forward": forward_speed(dense, tsa, tokens, device, args.repeats),
-        "decode": decode_speed(dense, tsa, tokens, device, max(3, args.repeats // 2), args.new_tokens),
+        "decode": decode_speed(dense, tsa, tokens, device, decode_repeats, args.new_tokens),
+        "decode_paper_shape": decode_speed(
+            *paper_shape_models(c.vocab_size, tokens, device), tokens, device, decode_repeats, args.new_tokens
+        ),
         "skip_sweep": skip_rate_sweep(dense, tsa, tokens, device, max(1, args.repeats // 2), args.new_tokens),
         "sample": sample_speed(dense_module, tsa_module, max(1, args.repeats // 2)),
         "train": [
