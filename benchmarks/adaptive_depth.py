@@ -33,7 +33,7 @@ import lightning as L
 import torch
 
 from tsa_lightning.accounting import dense_twin_flops
-from tsa_lightning.data import ShakespeareDataModule
+from tsa_lightning.data import Enwik8DataModule, ShakespeareDataModule, TextDataModule, data_root
 from tsa_lightning.evaluation import plot_curves, sweep
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
@@ -118,6 +118,16 @@ TRAINING_ARGS = (
 )  # the module's, not the net's
 RETROFIT_STEPS = 0.15  # a retrofit trains for this share of the dense twin's steps
 EVAL_BATCH = 64  # windows per evaluation batch: the split is walked once per threshold
+# the second corpus: the first 4,154,399 bytes of enwik8 (../shared/data/enwik8/README.md), split 90/5/5
+ENWIK8_PREFIX_SHA256 = "d502ac7ecb9dd47a062e7d19b8dcd3c753b07c142e48b13dcd521cb747116bdd"
+CORPORA = {"shakespeare": "Tiny Shakespeare", "enwik8_prefix": "enwik8 prefix (bytes)"}
+
+
+def corpus_data(corpus: str, data_dir: str | None, **kwargs) -> TextDataModule:
+    if corpus == "enwik8_prefix":
+        path = data_root(data_dir) / "enwik8" / "enwik8_prefix.bin"
+        return Enwik8DataModule(path=str(path), sha256=ENWIK8_PREFIX_SHA256, **kwargs)
+    return ShakespeareDataModule(data_dir=data_dir, **kwargs)
 
 
 def train(
@@ -128,9 +138,10 @@ def train(
     data_dir: str | None,
     out: Path,
     dense_from: Path | None,
+    corpus: str = "shakespeare",
 ) -> tuple[TSALanguageModel, int]:
     L.seed_everything(seed, verbose=False)
-    data = ShakespeareDataModule(data_dir=data_dir, seed=seed, **shape["data"])
+    data = corpus_data(corpus, data_dir, seed=seed, **shape["data"])
     training = {k: v for k, v in overrides.items() if k in TRAINING_ARGS}
     model_args = {k: v for k, v in overrides.items() if k not in TRAINING_ARGS}
     steps, warmup = shape["steps"], 100
@@ -200,9 +211,10 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=None, help="override the shape's training steps")
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument(
-        "--data_dir", default=None, help="folder with tinyshakespeare/ (default $TSA_DATA_DIR)"
+        "--data_dir", default=None, help="folder with tinyshakespeare/, enwik8/ (default $TSA_DATA_DIR)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive_depth"))
     parser.add_argument(
@@ -225,16 +237,25 @@ def main() -> None:
         return
     shape = {**SHAPES[args.shape], **({"steps": args.steps} if args.steps else {})}
     torch.manual_seed(0)
-    data = ShakespeareDataModule(
-        data_dir=args.data_dir, block_size=shape["data"]["block_size"], batch_size=EVAL_BATCH
+    data = corpus_data(
+        args.corpus, args.data_dir, block_size=shape["data"]["block_size"], batch_size=EVAL_BATCH
     )
     data.setup()
     test = data.test_dataloader()
     started = time.time()
 
-    results: dict = {"date": str(date.today()), "shape": shape, "seeds": args.seeds, "runs": {}}
+    results: dict = {
+        "date": str(date.today()),
+        "corpus": args.corpus,
+        "vocab_size": data.vocab_size,
+        "shape": shape,
+        "seeds": args.seeds,
+        "runs": {},
+    }
     # the control: an untrained TSA router scored by the paper's formula
-    init = TSALanguageModel(TSAConfig(block_size=shape["data"]["block_size"], **shape["model"])).model
+    init = TSALanguageModel(
+        TSAConfig(vocab_size=data.vocab_size, block_size=shape["data"]["block_size"], **shape["model"])
+    ).model
     control = sweep(init, test, [init.config.skip_threshold])["points"][0]
     results["runs"]["tsa_router_at_init"] = [
         {"seed": 0, "bpc": control["bpc"], "executed_tlops_saved": control["executed_tlops_saved"],
@@ -244,7 +265,9 @@ def main() -> None:
         results["runs"][name] = []
         for seed in args.seeds:
             t0 = time.time()
-            module, steps = train(name, VARIANTS[name], shape, seed, args.data_dir, args.out, args.dense_from)
+            module, steps = train(
+                name, VARIANTS[name], shape, seed, args.data_dir, args.out, args.dense_from, args.corpus
+            )
             model = module.model
             train_s = time.time() - t0
             routed = model.config.routing != "none"
@@ -270,10 +293,10 @@ def main() -> None:
     finish(results, args.out, args.shape)
 
 
-def full_dense_fraction(shape: dict, name: str) -> float:
+def full_dense_fraction(shape: dict, name: str, vocab_size: int) -> float:
     """A smaller dense model's FLOPs as a fraction of the full-depth dense twin's."""
     n_layer = VARIANTS.get(name, {}).get("n_layer", shape["model"]["n_layer"])
-    base = {"vocab_size": 65, "block_size": shape["data"]["block_size"], "routing": "none"}
+    base = {"vocab_size": vocab_size, "block_size": shape["data"]["block_size"], "routing": "none"}
     full, small = (
         TSAConfig(**{**base, **shape["model"], "n_layer": n}) for n in (shape["model"]["n_layer"], n_layer)
     )
@@ -286,7 +309,7 @@ def finish(results: dict, out: Path, shape_name: str) -> None:
     if not results.get("flops_relative_to_full_dense"):
         full = results["shape"]["model"]["n_layer"]
         for name, rows in results["runs"].items():
-            factor = full_dense_fraction(results["shape"], name)
+            factor = full_dense_fraction(results["shape"], name, results.get("vocab_size", 65))
             depth = VARIANTS.get(name, {}).get("n_layer", full) / full
             for row in rows:
                 for point in [row, *row.get("curve", {}).get("points", [])]:
@@ -313,7 +336,8 @@ def finish(results: dict, out: Path, shape_name: str) -> None:
         ),
         key=lambda p: -p["flops_saved"],
     )
-    plot_curves(curves, out / "curves.png", title=f"Tiny Shakespeare test, {shape_name} shape")
+    corpus = CORPORA[results.get("corpus", "shakespeare")]
+    plot_curves(curves, out / "curves.png", title=f"{corpus} test, {shape_name} shape")
     print(text)
 
 
@@ -346,7 +370,7 @@ def compare(results: dict) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        f"Tiny Shakespeare test split, hard mode, {results['date']}; "
+        f"{CORPORA[results.get('corpus', 'shakespeare')]} test split, hard mode, {results['date']}; "
         f"mean (spread) over seeds {results['seeds']}",
         "",
         "| model | test bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved "
