@@ -12,6 +12,7 @@ from tsa_lightning.model import Routing, TSAConfig
 from tsa_lightning.module import HaltQuantile, TSALanguageModel
 
 SHAPE = {"block_size": 32, "n_layer": 4, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+ROUTED = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)
 
 
 class Shares(L.Callback):
@@ -76,7 +77,7 @@ def attached(module: TSALanguageModel) -> TSALanguageModel:
 
 def test_the_threshold_follows_routers_that_collapse_towards_zero():
     """The task loss drives p towards 0; the threshold must follow it into the sigmoid's tail."""
-    module = attached(TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), compute_budget=0.7))
+    module = attached(TSALanguageModel(ROUTED, compute_budget=0.7))
     torch.manual_seed(0)
     for scale in [*torch.logspace(0, -6, 100), *[1e-6] * 40]:  # p shrinks 10^6-fold, then settles
         halts = torch.rand(8, 32, SHAPE["n_layer"] - 1) * scale
@@ -115,13 +116,13 @@ def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus)
     assert abs(float(torch.stack(shares).mean()) - 0.6) < 0.03
 
 
-def test_validating_again_at_the_same_step_refines_the_threshold_half_way():
-    module = attached(TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), compute_budget=0.7))
+def test_validating_again_without_training_refines_the_threshold_half_way():
+    module = attached(TSALanguageModel(ROUTED, compute_budget=0.7))
     module.calibrate(torch.tensor(0.1))
     assert module.config.skip_threshold == pytest.approx(0.1)
     module.calibrate(torch.tensor(0.9))  # logit(0.1) = -logit(0.9): half-way is p = 0.5
     assert module.config.skip_threshold == pytest.approx(0.5)
-    module.calibrated_at.fill_(-1)  # a validation after more training starts afresh
+    module.budget_threshold.fill_(0.3)  # after more training, a validation starts afresh
     module.calibrate(torch.tensor(0.9))
     assert module.config.skip_threshold == pytest.approx(0.9)
 
@@ -151,7 +152,12 @@ def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
 )
 def test_budget_and_retrofit_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
-        TSALanguageModel(TSAConfig(routing="tsa", **SHAPE), **kwargs)
+        TSALanguageModel(ROUTED, **kwargs)
+
+
+def test_a_budget_needs_the_straight_through_gate():
+    with pytest.raises(ValueError, match="needs gate: straight_through"):
+        TSALanguageModel(TSAConfig(routing="tsa", gate="soft", **SHAPE), compute_budget=0.5)
 
 
 def test_a_budget_needs_tsa_routers():

@@ -268,7 +268,9 @@ class Router(nn.Module):
         self.out = nn.Linear(config.router_hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return torch.sigmoid(self.logit(h))
+        """p in float32 at least: in half precision, p near a threshold or in a tail would tie or vanish."""
+        logit = self.logit(h)
+        return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))
 
     def logit(self, h: Tensor) -> Tensor:
         return self.out(F.relu(self.hidden(h))).squeeze(-1)
@@ -374,7 +376,7 @@ class TSATransformer(nn.Module):
         if self.routers is None:
             return Decision()
         p = self.routers[i](x)
-        keep = (1 - p).unsqueeze(-1)
+        keep = (1 - p).unsqueeze(-1).to(x.dtype)
         kept = ~self.skips(p, threshold)
         if mode == "hard":
             return Decision(keep=keep, kept=kept, halt=p)

@@ -65,6 +65,10 @@ class HaltQuantile(Metric):
         self.generator = torch.Generator().manual_seed(0)
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
+    def reset(self) -> None:
+        super().reset()
+        self.generator.manual_seed(0)  # every split sampled alike, resumed or not
+
     def update(self, halt_probs: Tensor, valid: Tensor) -> None:
         """`valid` (B, T): real positions; padding enters no count."""
         values = halt_probs[valid].flatten().float()
@@ -153,7 +157,8 @@ class TSALanguageModel(L.LightningModule):
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
             self.register_buffer("budget_threshold", torch.tensor(self.config.skip_threshold))
             self.register_buffer("calibrated_threshold", torch.tensor(math.nan))  # none before a validation
-            self.register_buffer("calibrated_at", torch.tensor(-1))  # the step it was calibrated at
+            # the training threshold it was calibrated under: equal to today's, no training since
+            self.register_buffer("calibrated_from", torch.tensor(math.nan))
             self.val_quantile = HaltQuantile(compute_budget)
         if distill_weight and init_from is None:
             raise ValueError("distill_weight needs init_from: the dense checkpoint to distil from")
@@ -187,7 +192,8 @@ class TSALanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
-        logits, loss, routing = self.train_forward(x, y, threshold=self.train_threshold)
+        threshold = self.train_threshold  # this step's: follow_budget moves it after the forward
+        logits, loss, routing = self.train_forward(x, y, threshold=threshold)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
         keep = self.model.depth_term(routing)
         if keep is not None:
@@ -198,7 +204,7 @@ class TSALanguageModel(L.LightningModule):
                 {
                     "train/budget": self.hparams.compute_budget,
                     "train/executed_share": executed,
-                    "train/skip_threshold": self.train_threshold,
+                    "train/skip_threshold": threshold,
                 }
             )
         if self.teacher is not None:
@@ -211,7 +217,7 @@ class TSALanguageModel(L.LightningModule):
         if routing.halt_probs is not None and self.global_step % self.trainer.log_every_n_steps == 0:
             halts = routing.halt_probs.detach()
             # what hard mode would run on this batch, under the names validation uses
-            executed = self.model.hard_executed(halts, self.train_threshold)
+            executed = self.model.hard_executed(halts, threshold)
             self._log_compute("train", report(self.config, Routing(halts, executed)))
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -244,13 +250,8 @@ class TSALanguageModel(L.LightningModule):
         # in log-odds, where p's drift into the sigmoid's tails is a steady walk, not a vanishing one
         odds = [torch.logit(t.double(), eps=1e-12) for t in (self.budget_threshold, quantile)]
         self.budget_threshold.copy_(torch.sigmoid(odds[0].lerp(odds[1], self.hparams.budget_momentum)))
-        self.use_budget_threshold()
+        self.config.skip_threshold = float(self.budget_threshold)  # validation during fit skips here too
         return executed
-
-    def use_budget_threshold(self) -> None:
-        """What evaluation and sampling skip at: the calibrated threshold once there is one."""
-        calibrated = float(self.calibrated_threshold)
-        self.config.skip_threshold = float(self.budget_threshold) if math.isnan(calibrated) else calibrated
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Routing]:
         x, y = batch
@@ -298,18 +299,18 @@ class TSALanguageModel(L.LightningModule):
         self._log_evaluation("test")
 
     def calibrate(self, quantile: Tensor) -> None:
-        """Skip at the validation split's quantile; validating again at the same step refines it.
+        """Skip at the validation split's quantile; validating again without training refines it.
 
         Moving the threshold changes which blocks earlier tokens ran, and so the p that later
-        routers see: a second and third validation of a finished run step half-way (in log-odds)
+        routers see: a second and third validation of a finished model step half-way (in log-odds)
         from the last threshold to the new quantile, which settles where the share is the budget.
         """
-        if int(self.calibrated_at) == self.global_step:
+        if float(self.calibrated_from) == float(self.budget_threshold):
             odds = [torch.logit(t.double(), eps=1e-12) for t in (self.calibrated_threshold, quantile)]
             quantile = torch.sigmoid(odds[0].lerp(odds[1], 0.5))
         self.calibrated_threshold.fill_(float(quantile))
-        self.calibrated_at.fill_(self.global_step)
-        self.use_budget_threshold()
+        self.calibrated_from.copy_(self.budget_threshold)
+        self.config.skip_threshold = float(self.calibrated_threshold)
 
     def _log_evaluation(self, stage: str) -> None:
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
@@ -337,15 +338,22 @@ class TSALanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured.
 
-        A budgeted model skips at the threshold it learned, which its weights carry.
+        A budgeted model skips at the threshold calibrated on validation, else at training's.
         """
         state = checkpoint["state_dict"]
-        if "budget_threshold" in state:  # budgeted runs from before validation calibrated have none
-            state.setdefault("calibrated_threshold", torch.tensor(math.nan))
-            state.setdefault("calibrated_at", torch.tensor(-1))
-            for name in ("budget_threshold", "calibrated_threshold", "calibrated_at"):
-                getattr(self, name).copy_(state[name])
-            self.use_budget_threshold()
+        if "budget_threshold" in state:
+            if self.hparams.compute_budget is None:
+                raise ValueError(
+                    "the checkpoint was trained with a compute budget; give the run's compute_budget "
+                    "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
+                )
+            state.pop("calibrated_at", None)  # an earlier form of calibrated_from
+            for name in ("calibrated_threshold", "calibrated_from"):  # none before validation calibrated
+                state.setdefault(name, torch.tensor(math.nan))
+            calibrated = float(state["calibrated_threshold"])
+            self.config.skip_threshold = (
+                float(state["budget_threshold"]) if math.isnan(calibrated) else calibrated
+            )
         saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
         mismatched = [
             f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
@@ -421,6 +429,11 @@ def check_budget(model: TSATransformer, budget: float, momentum: float, depth_lo
         )
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
+    if model.config.gate != "straight_through":
+        raise ValueError(
+            "compute_budget needs gate: straight_through (a soft gate never skips in training, so the "
+            "budget would steer nothing); set --model.config.gate=straight_through"
+        )
     if not 0.0 < momentum <= 1.0:
         raise ValueError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
     if depth_loss_weight:
