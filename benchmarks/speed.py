@@ -161,6 +161,7 @@ def decode_speed(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[d
             def run(model, prompts=prompts, n=n, compiled=compiled):
                 return lambda: generate_cached(model, prompts, n, temperature=0, compile=compiled)
 
+            torch._dynamo.reset()  # a fresh compile cache per comparison: no silent fallback to eager
             t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
             rows.append({"batch": batch, "compiled": compiled, **decode_row(tsa, prompts, n, t)})
     return rows
@@ -223,8 +224,10 @@ def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> lis
 
             t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
             saved, tsa.config.skip_threshold = tsa.config.skip_threshold, threshold
-            row = decode_row(tsa, prompts, n, t)
-            tsa.config.skip_threshold = saved
+            try:
+                row = decode_row(tsa, prompts, n, t)
+            finally:
+                tsa.config.skip_threshold = saved
             rows.append(
                 {"batch": 8, "target_skip": skip, "threshold": threshold, "partly_skipped": label, **row}
             )
