@@ -99,7 +99,9 @@ VARIANTS = {
     "dense_continued": {"routing": "none", "init_from": "dense", "distill_weight": 1.0},
     "early_exit": {"routing": "early_exit", "skip_threshold": 0.9},
     "mod": {"routing": "mod", "mod_capacity": 0.25, "mod_every": 1},
+    "mod_capacity_0.5": {"routing": "mod", "mod_capacity": 0.5, "mod_every": 1},
 }
+DENSE_FAMILY = ("dense_2_blocks", "dense_3_blocks", "dense_4_blocks", "dense")
 DEFAULT_VARIANTS = [
     "dense",
     "dense_3_blocks",
@@ -231,8 +233,13 @@ def main() -> None:
         raise SystemExit(f"error: {args.out} exists; pass another --out so earlier results are kept")
     if args.merge:
         merged = [json.loads((folder / "results.json").read_text()) for folder in args.merge]
-        results = {**merged[0], "runs": {k: v for r in merged for k, v in r["runs"].items()}}
-        results["merged_from"] = [str(folder) for folder in args.merge]
+        runs: dict[str, list[dict]] = {}
+        for part in merged:  # a variant's seeds may come from several folders; each seed once
+            for name, rows in part["runs"].items():
+                seen = {row["seed"] for row in runs.setdefault(name, [])}
+                runs[name] += [row for row in rows if row["seed"] not in seen]
+        seeds = sorted({seed for part in merged for seed in part["seeds"]})
+        results = {**merged[0], "seeds": seeds, "runs": runs, "merged_from": [str(f) for f in args.merge]}
         finish(results, args.out, args.shape)
         return
     shape = {**SHAPES[args.shape], **({"steps": args.steps} if args.steps else {})}
@@ -322,49 +329,65 @@ def finish(results: dict, out: Path, shape_name: str) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = table(results)
     (out / "results.md").write_text(text)
-    curves = {
-        f"{name} (seed {row['seed']})": row["curve"]["points"]
-        for name, rows in results["runs"].items()
-        for row in rows[:1]
-        if "curve" in row and not name.startswith("dense")
-    }
-    curves["dense 2/3/4/6 blocks"] = sorted(
-        (
-            {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
-            for n in ("dense_2_blocks", "dense_3_blocks", "dense_4_blocks", "dense")
-            if n in summary
-        ),
-        key=lambda p: -p["flops_saved"],
-    )
+    curves = {"dense 2/3/4/6 blocks": family_curve(summary, DENSE_FAMILY)}
+    for family in ("tsa_budget_", "retrofit_budget_"):  # one curve through a family's budgets
+        names = [n for n in summary if n.startswith(family)]
+        if names:
+            curves[f"{family.replace('_budget_', '')} at budgets"] = family_curve(summary, names)
+    for name, rows in results["runs"].items():  # the others: the first seed's threshold sweep
+        if "curve" in rows[0] and not name.startswith(("dense", "tsa_budget_", "retrofit_budget_")):
+            curves[f"{name} (seed {rows[0]['seed']}, thresholds)"] = rows[0]["curve"]["points"]
     corpus = CORPORA[results.get("corpus", "shakespeare")]
     plot_curves(curves, out / "curves.png", title=f"{corpus} test, {shape_name} shape")
     print(text)
 
 
-def compare(results: dict) -> dict:
-    """The targets: TSA best vs dense twin, and vs every baseline at TSA best's executed FLOPs."""
-    runs, summary = results["runs"], results["summary"]
-    if "tsa_best" not in runs or "dense" not in runs:
-        return {}
-    best, dense = summary["tsa_best"], summary["dense"]
-    flops = 1 - best["flops_saved"]["mean"]
-    out = {
-        "tsa_best_executed_tlops_saved": best["executed_tlops_saved"]["mean"],
-        "tsa_best_bpc_vs_dense_relative": best["bpc"]["mean"] / dense["bpc"]["mean"] - 1,
-        "at_flops_fraction": flops,
-        "tsa_best_bpc": best["bpc"]["mean"],
-    }
-    for name in ("early_exit", "mod", "tsa_published"):
-        if name in runs:
-            values = [interpolate(r["curve"]["points"], flops) for r in runs[name]]
-            values = [v for v in values if v is not None]
-            out[f"{name}_bpc_at_equal_flops"] = statistics.mean(values) if values else None
-    small = [
+def family_curve(summary: dict, names) -> list[dict]:
+    """Mean (executed FLOPs saved, bpc) of each named variant, ordered by FLOPs."""
+    points = [
         {"flops_saved": summary[n]["flops_saved"]["mean"], "bpc": summary[n]["bpc"]["mean"]}
-        for n in ("dense_2_blocks", "dense_3_blocks", "dense_4_blocks", "dense")
+        for n in names
         if n in summary
     ]
-    out["smaller_dense_bpc_at_equal_flops"] = interpolate(small, flops)
+    return sorted(points, key=lambda p: -p["flops_saved"])
+
+
+def compare(results: dict) -> dict:
+    """Every routed model against the dense twin, and against the other families at its executed FLOPs."""
+    runs, summary = results["runs"], results["summary"]
+    if "dense" not in summary:
+        return {}
+    dense_bpc = summary["dense"]["bpc"]["mean"]
+    dense_steps = results["shape"]["steps"]
+    smaller = family_curve(summary, DENSE_FAMILY)
+    out = {}
+    for name, s in summary.items():
+        if name in DENSE_FAMILY or name == "tsa_router_at_init":
+            continue
+        flops = 1 - s["flops_saved"]["mean"]
+        row = {
+            "bpc": s["bpc"]["mean"],
+            "bpc_spread": s["bpc"]["spread"],
+            "vs_dense_twin": s["bpc"]["mean"] / dense_bpc - 1,
+            "flops_saved": s["flops_saved"]["mean"],
+            "smaller_dense_bpc_at_equal_flops": interpolate(smaller, flops),
+        }
+        for other in ("early_exit", "mod", "mod_capacity_0.5"):
+            if other in runs and other != name:
+                values = [
+                    v for r in runs[other] if (v := interpolate(r["curve"]["points"], flops)) is not None
+                ]
+                row[f"{other}_bpc_at_equal_flops"] = statistics.mean(values) if values else None
+        budget = VARIANTS.get(name, {}).get("compute_budget")
+        if budget is not None:
+            shares = [r["routed_executed"] for r in runs[name]]
+            row.update(
+                budget=budget, routed_executed=shares, budget_miss=max(abs(x - budget) for x in shares)
+            )
+        steps = [r["train_steps"] for r in runs[name] if r.get("train_steps")]
+        if steps and VARIANTS.get(name, {}).get("init_from"):
+            row["extra_steps_share_of_dense"] = max(steps) / dense_steps
+        out[name] = row
     return out
 
 
@@ -374,8 +397,8 @@ def table(results: dict) -> str:
         f"mean (spread) over seeds {results['seeds']}",
         "",
         "| model | test bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved "
-        "| train s per seed |",
-        "|---|---|---|---|---|---|",
+        "| train s per seed | steps |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in results["summary"].items():
         cells = [f"{s[k]['mean']:.4f} ({s[k]['spread']:.4f})" for k in ("bpc",)]
@@ -385,17 +408,27 @@ def table(results: dict) -> str:
         cells += [f"{s['paper_tlops_saved']['mean']:.1%}"]
         seconds = [f"{r['train_seconds']:.0f}" for r in results["runs"][name] if "train_seconds" in r]
         cells += [", ".join(seconds) or "-"]
+        cells += [
+            ", ".join(str(r["train_steps"]) for r in results["runs"][name] if "train_steps" in r) or "-"
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    c = results["comparisons"]
-    if c:
-        lines += ["", f"At TSA best's executed FLOPs ({c['at_flops_fraction']:.1%} of dense), bpc:"]
-        for key, value in c.items():
-            if key.endswith("at_equal_flops"):
-                lines.append(
-                    f"- {key.replace('_bpc_at_equal_flops', '')}: {value:.4f}" if value else f"- {key}: n/a"
-                )
+    if results["comparisons"]:
+        lines += [
+            "",
+            "| model | bpc | vs dense twin | FLOPs saved | smaller dense at equal FLOPs | early exit | MoD "
+            "| routed executed (budget) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    for name, c in results["comparisons"].items():
+        bpc = {key: "-" if c[key] is None else f"{c[key]:.4f}" for key in c if key.endswith("at_equal_flops")}
+        budget = (
+            f"{', '.join(f'{x:.3f}' for x in c['routed_executed'])} ({c['budget']})" if "budget" in c else "-"
+        )
         lines.append(
-            f"- tsa_best: {c['tsa_best_bpc']:.4f} (vs dense twin {c['tsa_best_bpc_vs_dense_relative']:+.2%})"
+            f"| {name} | {c['bpc']:.4f} ({c['bpc_spread']:.4f}) | {c['vs_dense_twin']:+.2%} | "
+            f"{c['flops_saved']:.1%} | {bpc['smaller_dense_bpc_at_equal_flops']} | "
+            f"{bpc.get('early_exit_bpc_at_equal_flops', '-')} | {bpc.get('mod_bpc_at_equal_flops', '-')} | "
+            f"{budget} |"
         )
     return "\n".join(lines) + "\n"
 
