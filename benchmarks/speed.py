@@ -4,8 +4,7 @@ Measures, side by side in one process (alternating, several repeats, median):
 - full-sequence forward tokens/s at batch 1, 8, 64 and ctx 128, 256 (up to the model's block_size),
   with the executed skip fraction and FLOPs measured on real text (test-split windows);
 - KV-cache greedy decoding tokens/s at batch 1 and 8, eager and compiled, against the FLOPs ideal;
-  at batch 8 also at forced skip rates (20-60%), with partly skipped blocks gathered or run for
-  all rows (the `GATHER_FROM` crossover);
+  at batch 8 also at forced skip rates (20-60%);
 - `sample` (what `cli.py sample` runs) of 500 tokens for both checkpoints, and the dense twin's
   cached decoding against full recomputation;
 - one training step (forward, backward, AdamW) of the TSA model (soft and straight-through gate),
@@ -112,7 +111,7 @@ def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
             with torch.inference_mode():
                 rep = report(tsa.config, tsa(x, mode="hard")[2])
                 fns = {"dense": lambda x=x: dense(x), "tsa_hard": lambda x=x: tsa(x, mode="hard")}
-                fns["tsa_run_for_all"] = gathering(fns["tsa_hard"], NEVER)
+                fns["tsa_always_gather"] = with_rule(fns["tsa_hard"], ALWAYS_GATHER)
                 t = alternate(fns, repeats, device)
             ideal = 1 / (1 - rep.flops_saved)
             speedup = t["dense"] / t["tsa_hard"]
@@ -127,25 +126,24 @@ def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
                     "flops_saved": rep.flops_saved,
                     "ideal_speedup": ideal,
                     "fraction_of_ideal": speedup / ideal,
-                    "gathers": batch * ctx >= model_module.GATHER_FROM,
-                    "speedup_run_for_all": t["dense"] / t["tsa_run_for_all"],
+                    "speedup_always_gather": t["dense"] / t["tsa_always_gather"],
                 }
             )
     return rows
 
 
-NEVER = 2**62  # a GATHER_FROM no input reaches: partly skipped blocks always run for all tokens
+ALWAYS_GATHER = 1.0  # a RUN_FOR_ALL_ABOVE no kept share exceeds
 
 
-def gathering(fn, gather_from: int):
-    """`fn` with partly skipped blocks gathered from `gather_from` tokens on (see model.GATHER_FROM)."""
+def with_rule(fn, run_for_all_above: float):
+    """`fn` under another model.RUN_FOR_ALL_ABOVE (when a partly skipped block runs for every token)."""
 
     def run():
-        default, model_module.GATHER_FROM = model_module.GATHER_FROM, gather_from
+        default, model_module.RUN_FOR_ALL_ABOVE = model_module.RUN_FOR_ALL_ABOVE, run_for_all_above
         try:
             return fn()
         finally:
-            model_module.GATHER_FROM = default
+            model_module.RUN_FOR_ALL_ABOVE = default
 
     return run
 
@@ -208,7 +206,7 @@ def decode_row(tsa, prompts, n: int, t: dict) -> dict:
 
 
 def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[dict]:
-    """Batch-8 decoding at forced skip rates, partly skipped blocks gathered or run for all rows."""
+    """Batch-8 decoding at forced skip rates (thresholds at quantiles of p on test text)."""
     prompts = list(windows(tokens, 8, 16, device))
     n = min(new_tokens, tsa.config.block_size - 16)
     with torch.inference_mode():
@@ -216,21 +214,17 @@ def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> lis
     rows = []
     for skip in (0.2, 0.4, 0.6):
         threshold = float(torch.quantile(halts.flatten().float()[:100_000], 1 - skip))
-        for gather_from, label in ((NEVER, "run for all"), (0, "gathered")):
 
-            def run(model, threshold=threshold, gather_from=gather_from):
-                fn = lambda: generate_cached(model, prompts, n, temperature=0, threshold=threshold)  # noqa: E731
-                return gathering(fn, gather_from)
+        def run(model, threshold=threshold):
+            return lambda: generate_cached(model, prompts, n, temperature=0, threshold=threshold)
 
-            t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
-            saved, tsa.config.skip_threshold = tsa.config.skip_threshold, threshold
-            try:
-                row = decode_row(tsa, prompts, n, t)
-            finally:
-                tsa.config.skip_threshold = saved
-            rows.append(
-                {"batch": 8, "target_skip": skip, "threshold": threshold, "partly_skipped": label, **row}
-            )
+        t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
+        saved, tsa.config.skip_threshold = tsa.config.skip_threshold, threshold
+        try:
+            row = decode_row(tsa, prompts, n, t)
+        finally:
+            tsa.config.skip_threshold = saved
+        rows.append({"batch": 8, "target_skip": skip, "threshold": threshold, **row})
     return rows
 
 
@@ -327,15 +321,14 @@ def table(result: dict) -> str:
     lines = [f"speed benchmark, {result['date']}, {result['machine']}", ""]
     lines += [
         "| ctx | batch | dense tok/s | TSA hard tok/s | speedup | executed skip | FLOPs saved | ideal "
-        "| of ideal | gathers | speedup, run for all |"
+        "| of ideal | speedup, always gathering |"
     ]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["forward"]:
         lines.append(
             f"| {r['ctx']} | {r['batch']} | {r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | "
             f"{r['speedup']:.2f}x | {r['executed_skip']:.1%} | {r['flops_saved']:.1%} | "
-            f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} | {'yes' if r['gathers'] else 'no'} | "
-            f"{r['speedup_run_for_all']:.2f}x |"
+            f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} | {r['speedup_always_gather']:.2f}x |"
         )
     lines += [
         "",
@@ -351,12 +344,12 @@ def table(result: dict) -> str:
         )
     lines += [
         "",
-        "| batch 8, forced skip | partly skipped blocks | executed skip | speedup | of ideal |",
-        "|---|---|---|---|---|",
+        "| batch 8, forced skip | executed skip | speedup | of ideal |",
+        "|---|---|---|---|",
     ]
     for r in result["skip_sweep"]:
         lines.append(
-            f"| {r['target_skip']:.0%} | {r['partly_skipped']} | {r['executed_skip']:.1%} | "
+            f"| {r['target_skip']:.0%} | {r['executed_skip']:.1%} | "
             f"{r['speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |"
         )
     m = result["sample"]

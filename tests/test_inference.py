@@ -140,13 +140,13 @@ def test_the_compiled_decoder_equals_the_eager_one(routing):
 
 
 def test_a_partly_skipped_block_gives_the_same_result_gathered_or_run_for_all(monkeypatch):
-    """Decoding runs such a block for every token and drops the skipped updates; longer inputs gather."""
+    """Running it for every token and dropping the skipped updates equals gathering the kept ones."""
     model = trained_like("tsa")
     idx = prompts_of_lengths(16)[0][None].repeat(3, 1)
     outputs = {}
-    for gather_from in (0, 10**9):
-        monkeypatch.setattr(model_module, "GATHER_FROM", gather_from)
+    for run_for_all_above in (-1.0, 1.0):  # always run for all / always gather
+        monkeypatch.setattr(model_module, "RUN_FOR_ALL_ABOVE", run_for_all_above)
         logits, _, routing = model(idx, mode="hard", threshold=0.5)
-        outputs[gather_from] = logits
+        outputs[run_for_all_above] = logits
     assert 0.1 < routing.executed[..., 1:].float().mean() < 0.9
-    torch.testing.assert_close(outputs[0], outputs[10**9])
+    torch.testing.assert_close(outputs[-1.0], outputs[1.0])

@@ -205,9 +205,12 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
-# Fewer tokens than this in a forward (batch x length: decoding steps) run a partly skipped block
-# for every token instead of gathering the kept ones; benchmarks/speed.py measures the crossover.
-GATHER_FROM = 32
+# A full sequence whose kept share in a block is above this runs the block for every token and
+# drops the skipped updates: packing the kept queries and masking attention cost more than the
+# rows they save (benchmarks/speed.py, 6 x 64 at 75% kept: 0.99x the dense forward run for all,
+# 0.72x gathered). Decoding steps (one position) always gather: there it was the faster way at
+# 20-60% skip (batch 8).
+RUN_FOR_ALL_ABOVE = 0.5
 
 
 class Block(nn.Module):
@@ -227,9 +230,9 @@ class Block(nn.Module):
         """Tokens with `kept` (B, T) run (None: all), their updates scaled by `keep` (B, T, 1; None: 1).
 
         Dense when every token runs; nothing when none does (but a KV cache still receives their
-        keys and values). When some do: gather, compute, scatter - unless there are fewer than
-        `GATHER_FROM` tokens (decoding), where gathering costs more than the rows it saves, and the
-        block runs for all with the skipped tokens' updates dropped (the same result).
+        keys and values). When some do: gather, compute, scatter - unless most of a full sequence
+        runs (`RUN_FOR_ALL_ABOVE`): then the block runs for all and drops the skipped updates, the
+        same result.
         """
         if kept is None or kept.all():
             return self.update(x, keep, input_pos)
@@ -237,7 +240,7 @@ class Block(nn.Module):
             if self.attn.kv_cache is not None:
                 self.attn(self.ln_1(x), kept, input_pos)  # writes keys and values, runs no query
             return x
-        if kept.numel() < GATHER_FROM:
+        if kept.size(1) > 1 and kept.float().mean() > RUN_FOR_ALL_ABOVE:
             return torch.where(kept[..., None], self.update(x, keep, input_pos), x)
         h, w = x[kept], None if keep is None else keep[kept]
         h = h + scale_update(self.dropout(self.attn(self.ln_1(x), kept, input_pos)), w)
