@@ -37,6 +37,7 @@ from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, TSATransformer
 from tsa_lightning.module import TSALanguageModel
 
+PARTS = ("forward", "decode", "decode_paper_shape", "skip_sweep", "sample", "train", "memory")
 PAPER_SHAPE = {"n_layer": 6, "n_embd": 256, "n_head": 8, "ffn_hidden": 1024, "block_size": 128}
 
 
@@ -318,60 +319,69 @@ def peak_memory(dense, tsa, tokens, device, batch: int, ctx: int) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"speed benchmark, {result['date']}, {result['machine']}", ""]
-    lines += [
-        "| ctx | batch | dense tok/s | TSA hard tok/s | speedup | executed skip | FLOPs saved | ideal "
-        "| of ideal | speedup, always gathering |"
-    ]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["forward"]:
-        lines.append(
-            f"| {r['ctx']} | {r['batch']} | {r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | "
-            f"{r['speedup']:.2f}x | {r['executed_skip']:.1%} | {r['flops_saved']:.1%} | "
-            f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} | {r['speedup_always_gather']:.2f}x |"
-        )
-    lines += [
-        "",
-        "| decode batch (checkpoints, then paper shape) | compiled | new tokens | dense tok/s | TSA tok/s "
-        "| speedup | executed skip | FLOPs saved | of ideal |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["decode"] + result["decode_paper_shape"]:
-        lines.append(
-            f"| {r['batch']} | {'yes' if r['compiled'] else 'no'} | {r['new_tokens']} | "
-            f"{r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | {r['speedup']:.2f}x | "
-            f"{r['executed_skip']:.1%} | {r['flops_saved']:.1%} | {r['fraction_of_ideal']:.2f} |"
-        )
-    lines += [
-        "",
-        "| batch 8, forced skip | executed skip | speedup | of ideal |",
-        "|---|---|---|---|",
-    ]
-    for r in result["skip_sweep"]:
-        lines.append(
-            f"| {r['target_skip']:.0%} | {r['executed_skip']:.1%} | "
-            f"{r['speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |"
-        )
-    m = result["sample"]
-    lines += [
-        "",
-        f"`sample` of {m['new_tokens']} tokens (greedy): dense {m['dense_s']:.2f} s, TSA {m['tsa_s']:.2f} s "
-        f"(TSA/dense {m['tsa_over_dense']:.2f}); dense full recomputation "
-        f"{m['dense_full_recompute_s']:.2f} s "
-        f"(cache {m['cached_speedup_over_recompute']:.1f}x faster)",
-        "",
-        "| training step | batch x ctx | TSA soft ms | TSA straight-through ms | dense twin ms "
-        "| plain GPT ms | soft/dense | ST/dense | dense/plain |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for t in result["train"]:
-        lines.append(
-            f"| {t['shape']} | {t['batch']}x{t['ctx']} | {t['tsa_soft_ms']:.1f} | "
-            f"{t['tsa_straight_through_ms']:.1f} | {t['dense_twin_ms']:.1f} | {t['plain_gpt_ms']:.1f} | "
-            f"{t['soft_over_dense']:.3f} | "
-            f"{t['straight_through_over_dense']:.3f} | {t['dense_over_plain']:.3f} |"
-        )
-    lines += ["", f"peak forward memory: {json.dumps(result['memory'])}"]
+    """Markdown of whichever parts were measured."""
+    lines = [f"speed benchmark, {result['date']}, {result['machine']}"]
+    if "forward" in result:
+        lines += [
+            "",
+            "| ctx | batch | dense tok/s | TSA hard tok/s | speedup | executed skip | FLOPs saved | ideal "
+            "| of ideal | speedup, always gathering |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["forward"]:
+            lines.append(
+                f"| {r['ctx']} | {r['batch']} | {r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | "
+                f"{r['speedup']:.2f}x | {r['executed_skip']:.1%} | {r['flops_saved']:.1%} | "
+                f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} | "
+                f"{r['speedup_always_gather']:.2f}x |"
+            )
+    decode = [(part, r) for part in ("decode", "decode_paper_shape") for r in result.get(part, [])]
+    if decode:
+        lines += [
+            "",
+            "| decode | batch | compiled | new tokens | dense tok/s | TSA tok/s | speedup | executed skip "
+            "| FLOPs saved | of ideal |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for part, r in decode:
+            shape = "paper shape, untrained" if part == "decode_paper_shape" else "checkpoints"
+            lines.append(
+                f"| {shape} | {r['batch']} | {'yes' if r['compiled'] else 'no'} | {r['new_tokens']} | "
+                f"{r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | {r['speedup']:.2f}x | "
+                f"{r['executed_skip']:.1%} | {r['flops_saved']:.1%} | {r['fraction_of_ideal']:.2f} |"
+            )
+    if "skip_sweep" in result:
+        lines += ["", "| batch 8, forced skip | executed skip | speedup | of ideal |", "|---|---|---|---|"]
+        for r in result["skip_sweep"]:
+            lines.append(
+                f"| {r['target_skip']:.0%} | {r['executed_skip']:.1%} | "
+                f"{r['speedup']:.2f}x | {r['fraction_of_ideal']:.2f} |"
+            )
+    if "sample" in result:
+        m = result["sample"]
+        lines += [
+            "",
+            f"`sample` of {m['new_tokens']} tokens (greedy): dense {m['dense_s']:.2f} s, "
+            f"TSA {m['tsa_s']:.2f} s "
+            f"(TSA/dense {m['tsa_over_dense']:.2f}); dense full recomputation "
+            f"{m['dense_full_recompute_s']:.2f} s (cache {m['cached_speedup_over_recompute']:.1f}x faster)",
+        ]
+    if "train" in result:
+        lines += [
+            "",
+            "| training step | batch x ctx | TSA soft ms | TSA straight-through ms | dense twin ms "
+            "| plain GPT ms | soft/dense | ST/dense | dense/plain |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t in result["train"]:
+            lines.append(
+                f"| {t['shape']} | {t['batch']}x{t['ctx']} | {t['tsa_soft_ms']:.1f} | "
+                f"{t['tsa_straight_through_ms']:.1f} | {t['dense_twin_ms']:.1f} | {t['plain_gpt_ms']:.1f} | "
+                f"{t['soft_over_dense']:.3f} | {t['straight_through_over_dense']:.3f} | "
+                f"{t['dense_over_plain']:.3f} |"
+            )
+    if "memory" in result:
+        lines += ["", f"peak forward memory: {json.dumps(result['memory'])}"]
     return "\n".join(lines)
 
 
@@ -388,6 +398,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new_tokens", type=int, default=112)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, help="measure only these (default: all)")
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists; pass another --out")
@@ -407,24 +418,27 @@ def main() -> None:
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
+    parts = {
+        "forward": lambda: forward_speed(dense, tsa, tokens, device, args.repeats),
+        "decode": lambda: decode_speed(dense, tsa, tokens, device, decode_repeats, args.new_tokens),
+        "decode_paper_shape": lambda: decode_speed(
+            *paper_shape_models(c.vocab_size, tokens, device), tokens, device, decode_repeats, args.new_tokens
+        ),
+        "skip_sweep": lambda: skip_rate_sweep(dense, tsa, tokens, device, decode_repeats, args.new_tokens),
+        "sample": lambda: sample_speed(dense_module, tsa_module, decode_repeats),
+        "train": lambda: [
+            train_speed(c, device, args.repeats, batch=32, ctx=min(128, c.block_size)),
+            train_speed(replace(c, **PAPER_SHAPE), device, args.repeats, batch=32, ctx=128),
+        ],
+        "memory": lambda: peak_memory(dense, tsa, tokens, device, batch=64, ctx=min(128, c.block_size)),
+    }
     result = {
         "date": str(date.today()),
         "machine": machine,
         "device": device.type,
         "shape": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "block_size": c.block_size},
         "skip_threshold": c.skip_threshold,
-        "forward": forward_speed(dense, tsa, tokens, device, args.repeats),
-        "decode": decode_speed(dense, tsa, tokens, device, decode_repeats, args.new_tokens),
-        "decode_paper_shape": decode_speed(
-            *paper_shape_models(c.vocab_size, tokens, device), tokens, device, decode_repeats, args.new_tokens
-        ),
-        "skip_sweep": skip_rate_sweep(dense, tsa, tokens, device, max(1, args.repeats // 2), args.new_tokens),
-        "sample": sample_speed(dense_module, tsa_module, max(1, args.repeats // 2)),
-        "train": [
-            train_speed(c, device, args.repeats, batch=32, ctx=min(128, c.block_size)),
-            train_speed(replace(c, **PAPER_SHAPE), device, args.repeats, batch=32, ctx=128),
-        ],
-        "memory": peak_memory(dense, tsa, tokens, device, batch=64, ctx=min(128, c.block_size)),
+        **{name: parts[name]() for name in args.parts or parts},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
