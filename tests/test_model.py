@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tsa_lightning import TSAConfig, TSATransformer
+from tsa_lightning import model as model_module
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, report
 
 TINY = dict(vocab_size=11, block_size=16, n_layer=4, n_head=2, n_embd=16)
@@ -223,8 +224,12 @@ def test_bad_forward_inputs():
         model(tokens(T=17))
 
 
-def test_hard_mode_does_no_work_for_skipped_tokens():
-    """Count the rows each block's query, FFN and output projection see: exactly the kept tokens."""
+def test_hard_mode_does_no_work_for_skipped_tokens(monkeypatch):
+    """Count the rows each block's query, FFN and output projection see: exactly the kept tokens.
+
+    (When gathering: a full sequence with most tokens kept runs the block for all, RUN_FOR_ALL_ABOVE.)
+    """
+    monkeypatch.setattr(model_module, "RUN_FOR_ALL_ABOVE", 1.0)
     model = make()
     spread_routers(model)
     rows: dict[str, int] = {}

@@ -169,7 +169,13 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache(input_pos, k, v)
             start = self.kv_cache.start
-        kept = torch.ones(B, T, dtype=torch.bool, device=x.device) if kept is None else kept
+        if every_token:  # cached decoding: every query, masked by position (no packing to do)
+            positions = torch.arange(input_pos, input_pos + T, device=x.device).expand(B, T)
+            mask = may_attend(positions, k.size(2), start)
+            y = F.scaled_dot_product_attention(
+                self.split_heads(self.query(x)), k, v, attn_mask=mask[:, None], dropout_p=p
+            )
+            return self.proj(self.merge_heads(y))
         counts = kept.sum(dim=1)
         n = int(counts.max())
         if n == 0:
@@ -182,8 +188,7 @@ class CausalSelfAttention(nn.Module):
         q[slot_used] = q_kept
         mask = may_attend(input_pos + positions, k.size(2), start)
         y = F.scaled_dot_product_attention(self.split_heads(q), k, v, attn_mask=mask[:, None], dropout_p=p)
-        y = self.proj(self.merge_heads(y)[slot_used])
-        return y.view(B, T, C) if every_token else y
+        return self.proj(self.merge_heads(y)[slot_used])
 
 
 def may_attend(query_pos: Tensor, n_keys: int, start: Tensor | None) -> Tensor:
