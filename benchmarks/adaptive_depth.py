@@ -34,7 +34,7 @@ import torch
 
 from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.data import Enwik8DataModule, ShakespeareDataModule, TextDataModule, data_root
-from tsa_lightning.evaluation import plot_curves, sweep
+from tsa_lightning.evaluation import QUIET, plot_curves, sweep
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
@@ -178,9 +178,7 @@ def train(
     trainer.fit(model, data)
     if model.hparams.compute_budget is not None:  # a budget's test threshold: calibrated, refined twice
         for _ in range(3):
-            L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
-                model, data, verbose=False
-            )
+            L.Trainer(**QUIET).validate(model, data, verbose=False)
     trainer.save_checkpoint(out / "checkpoints" / f"{name}_seed{seed}.ckpt")
     return model, trainer.global_step
 

@@ -166,6 +166,11 @@ def decode_speed(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[d
     return rows
 
 
+def threshold_for_skip(halts: torch.Tensor, skip: float) -> float:
+    """The threshold above which a share `skip` of these p lie (torch.quantile takes <= 16M values)."""
+    return float(torch.quantile(halts.flatten().float()[:100_000], 1 - skip))
+
+
 def paper_shape_models(vocab_size: int, tokens, device, skip: float = 0.3):
     """A dense twin and a TSA model at the paper's shape, untrained, the TSA threshold set to `skip`.
 
@@ -180,7 +185,7 @@ def paper_shape_models(vocab_size: int, tokens, device, skip: float = 0.3):
     dense = TSATransformer(replace(config, routing="none")).to(device).eval()
     with torch.inference_mode():
         halts = tsa(windows(tokens, 16, config.block_size, device), mode="hard", threshold=1.01)[2].halt_probs
-    tsa.config.skip_threshold = float(torch.quantile(halts.flatten().float(), 1 - skip))
+    tsa.config.skip_threshold = threshold_for_skip(halts, skip)
     return dense, tsa
 
 
@@ -214,7 +219,7 @@ def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> lis
         halts = tsa(windows(tokens, 64, tsa.config.block_size, device), mode="hard")[2].halt_probs
     rows = []
     for skip in (0.2, 0.4, 0.6):
-        threshold = float(torch.quantile(halts.flatten().float()[:100_000], 1 - skip))
+        threshold = threshold_for_skip(halts, skip)
 
         def run(model, threshold=threshold):
             return lambda: generate_cached(model, prompts, n, temperature=0, threshold=threshold)

@@ -247,9 +247,7 @@ class TSALanguageModel(L.LightningModule):
         quantile = torch.quantile(routing.halt_probs.detach().double().flatten(), budget)
         # one threshold on every rank
         quantile, executed = (self.trainer.strategy.reduce(t, reduce_op="mean") for t in (quantile, executed))
-        # in log-odds, where p's drift into the sigmoid's tails is a steady walk, not a vanishing one
-        odds = [torch.logit(t.double(), eps=1e-12) for t in (self.budget_threshold, quantile)]
-        self.budget_threshold.copy_(torch.sigmoid(odds[0].lerp(odds[1], self.hparams.budget_momentum)))
+        self.budget_threshold.copy_(toward(self.budget_threshold, quantile, self.hparams.budget_momentum))
         self.config.skip_threshold = float(self.budget_threshold)  # validation during fit skips here too
         return executed
 
@@ -306,8 +304,7 @@ class TSALanguageModel(L.LightningModule):
         from the last threshold to the new quantile, which settles where the share is the budget.
         """
         if float(self.calibrated_from) == float(self.budget_threshold):
-            odds = [torch.logit(t.double(), eps=1e-12) for t in (self.calibrated_threshold, quantile)]
-            quantile = torch.sigmoid(odds[0].lerp(odds[1], 0.5))
+            quantile = toward(self.calibrated_threshold, quantile, 0.5)
         self.calibrated_threshold.fill_(float(quantile))
         self.calibrated_from.copy_(self.budget_threshold)
         self.config.skip_threshold = float(self.calibrated_threshold)
@@ -419,6 +416,13 @@ def upgrade_checkpoint(path: str) -> Path:
     target = Path(path).with_suffix(".upgraded.ckpt")
     torch.save(checkpoint, target)
     return target
+
+
+def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
+    """`threshold` moved a share of the way to `target` in log-odds, where p's drift into the
+    sigmoid's tails is a steady walk, not a vanishing one."""
+    odds = [torch.logit(t.double(), eps=1e-12) for t in (threshold, target)]
+    return torch.sigmoid(odds[0].lerp(odds[1], share))
 
 
 def check_budget(model: TSATransformer, budget: float, momentum: float, depth_loss_weight: float) -> None:
