@@ -103,6 +103,15 @@ def test_the_halt_quantile_resolves_p_in_the_tails(scale):
         assert abs(share - 0.7) < 0.03, per_batch
 
 
+def test_a_short_last_batch_weighs_no_more_than_its_size():
+    """4 batches of 100 p at 0, a last one of 10 p at 1: 2.4% of the split, so its 0.95 quantile is 0."""
+    metric = HaltQuantile(0.95, per_batch=20)
+    for _ in range(4):
+        metric.update(torch.zeros(1, 100, 1), torch.ones(1, 100, dtype=torch.bool))
+    metric.update(torch.ones(1, 10, 1), torch.ones(1, 10, dtype=torch.bool))
+    assert metric.compute() == 0.0  # all 10 kept beside 80 sampled zeros would make it 1
+
+
 def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus):
     """Without dropout p sits elsewhere than in training: the validation split sets the threshold."""
     module, _ = train_with_budget(corpus, 0.6, steps=120, validate=True)

@@ -52,9 +52,10 @@ class ComputeMetric(Metric):
 class HaltQuantile(Metric):
     """A quantile of the routers' p over a whole split and all ranks, read exactly from a sample of p.
 
-    Each batch contributes at most `per_batch` values, drawn at random by the metric's own
-    generator (validation never shifts the run's random stream; a stride would alias with the
-    blocks or positions).
+    Every batch contributes the same share of its values, set by the first batch so that it gives
+    at most `per_batch` (a short last batch weighs no more than its size). The sample is drawn by
+    the metric's own generator: validation never shifts the run's random stream, and a stride
+    would alias with the blocks or positions.
     """
 
     full_state_update = False
@@ -63,17 +64,22 @@ class HaltQuantile(Metric):
         super().__init__()
         self.q, self.per_batch = q, per_batch
         self.generator = torch.Generator().manual_seed(0)
+        self.share: float | None = None
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def reset(self) -> None:
         super().reset()
         self.generator.manual_seed(0)  # every split sampled alike, resumed or not
+        self.share = None
 
     def update(self, halt_probs: Tensor, valid: Tensor) -> None:
         """`valid` (B, T): real positions; padding enters no count."""
         values = halt_probs[valid].flatten().float()
-        if values.numel() > self.per_batch:
-            chosen = torch.randperm(values.numel(), generator=self.generator)[: self.per_batch]
+        if self.share is None:
+            self.share = min(1.0, self.per_batch / max(1, values.numel()))
+        count = round(self.share * values.numel())
+        if count < values.numel():
+            chosen = torch.randperm(values.numel(), generator=self.generator)[:count]
             values = values[chosen.to(values.device)]
         self.values.append(values)
 
