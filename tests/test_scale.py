@@ -24,11 +24,15 @@ TINY = [
 ]
 
 
-def fit(corpus, strategy: str, devices: int, batch_size: int) -> dict:
+def fit(corpus, strategy: str, devices: int, batch_size: int, **budget) -> dict:
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), block_size=16, batch_size=batch_size, samples_per_epoch=128)
+    gate = {"gate": "straight_through"} if budget else {}
     model = TSALanguageModel(
-        TSAConfig(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+        TSAConfig(
+            vocab_size=data.vocab_size, block_size=16, n_layer=3, n_head=2, n_embd=16, dropout=0.0, **gate
+        ),
+        **budget,
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -51,6 +55,20 @@ def test_ddp_spawn_equals_one_process_with_the_same_global_batch(small_corpus):
     ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4)
     for key in ("val/soft/loss", "val/hard/loss", "val/tlops_saved_executed", "val/tlops_saved_paper"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-4), key  # tolerance: float reduction order
+
+
+def test_a_budget_sets_one_threshold_from_the_whole_global_batch(small_corpus):
+    """Each rank's quantile of its half of the batch is not the batch's quantile: ranks pool their p.
+
+    Momentum 1 sets the threshold to the last batch's quantile; averaging the ranks' quantiles runs
+    0.551 of the blocks here where one process runs 0.555.
+    """
+    budget = {"compute_budget": 0.6, "budget_momentum": 1.0}
+    single = fit(small_corpus, "auto", 1, batch_size=8, **budget)
+    ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4, **budget)
+    assert ddp["train/skip_threshold"] == pytest.approx(single["train/skip_threshold"], rel=1e-7)
+    assert ddp["train/executed_share"] == pytest.approx(single["train/executed_share"], abs=1e-6)
+    assert ddp["val/hard/loss"] == pytest.approx(single["val/hard/loss"], abs=1e-4)
 
 
 def scalars(folder, tag: str) -> dict[int, float]:

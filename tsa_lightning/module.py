@@ -53,9 +53,10 @@ class HaltQuantile(Metric):
     """A quantile of the routers' p over a whole split and all ranks, read exactly from a sample of p.
 
     Every batch contributes the same share of its values, set by the first batch so that it gives
-    at most `per_batch` (a short last batch weighs no more than its size). The sample is drawn by
-    the metric's own generator: validation never shifts the run's random stream, and a stride
-    would alias with the blocks or positions.
+    at most `per_batch` (a short last batch weighs no more than its size). The k-th batch of a split
+    is sampled with seed k: validation never shifts the run's random stream, a resumed run samples
+    alike, and a stride would alias with the blocks or positions. (A seed, not a held
+    `torch.Generator`: a generator cannot travel to `ddp_spawn`'s processes.)
     """
 
     full_state_update = False
@@ -63,14 +64,13 @@ class HaltQuantile(Metric):
     def __init__(self, q: float, per_batch: int = 16384) -> None:
         super().__init__()
         self.q, self.per_batch = q, per_batch
-        self.generator = torch.Generator().manual_seed(0)
         self.share: float | None = None
+        self.batches = 0
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def reset(self) -> None:
         super().reset()
-        self.generator.manual_seed(0)  # every split sampled alike, resumed or not
-        self.share = None
+        self.share, self.batches = None, 0
 
     def update(self, halt_probs: Tensor, valid: Tensor) -> None:
         """`valid` (B, T): real positions; padding enters no count."""
@@ -79,8 +79,10 @@ class HaltQuantile(Metric):
             self.share = min(1.0, self.per_batch / max(1, values.numel()))
         count = round(self.share * values.numel())
         if count < values.numel():
-            chosen = torch.randperm(values.numel(), generator=self.generator)[:count]
+            generator = torch.Generator().manual_seed(self.batches)
+            chosen = torch.randperm(values.numel(), generator=generator)[:count]
             values = values[chosen.to(values.device)]
+        self.batches += 1
         self.values.append(values)
 
     def compute(self) -> Tensor:
@@ -250,9 +252,10 @@ class TSALanguageModel(L.LightningModule):
         """Move the threshold towards the batch's budget-quantile of p; returns the share this batch ran."""
         budget = self.hparams.compute_budget
         executed = self.model.executed_share(routing, self.train_threshold).detach()
-        quantile = torch.quantile(routing.halt_probs.detach().double().flatten(), budget)
-        # one threshold on every rank
-        quantile, executed = (self.trainer.strategy.reduce(t, reduce_op="mean") for t in (quantile, executed))
+        executed = self.trainer.strategy.reduce(executed, reduce_op="mean")
+        # one threshold on every rank: the quantile of the p of the whole global batch
+        halts = self.all_gather(routing.halt_probs.detach()).double().flatten()
+        quantile = torch.kthvalue(halts.cpu(), max(1, round(budget * halts.numel()))).values.to(halts)
         self.budget_threshold.copy_(toward(self.budget_threshold, quantile, self.hparams.budget_momentum))
         self.config.skip_threshold = float(self.budget_threshold)  # validation during fit skips here too
         return executed
