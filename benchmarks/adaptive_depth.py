@@ -238,7 +238,7 @@ def main() -> None:
                 runs[name] += [row for row in rows if row["seed"] not in seen]
         seeds = sorted({seed for part in merged for seed in part["seeds"]})
         results = {**merged[0], "seeds": seeds, "runs": runs, "merged_from": [str(f) for f in args.merge]}
-        finish(results, args.out, args.shape)
+        finish(results, args.out)
         return
     shape = {**SHAPES[args.shape], **({"steps": args.steps} if args.steps else {})}
     torch.manual_seed(0)
@@ -295,7 +295,7 @@ def main() -> None:
             )
 
     results["wall_seconds"] = time.time() - started
-    finish(results, args.out, args.shape)
+    finish(results, args.out)
 
 
 def full_dense_fraction(shape: dict, name: str, vocab_size: int) -> float:
@@ -309,7 +309,13 @@ def full_dense_fraction(shape: dict, name: str, vocab_size: int) -> float:
     return dense_twin_flops(small, 1, T) / dense_twin_flops(full, 1, T)
 
 
-def finish(results: dict, out: Path, shape_name: str) -> None:
+def shape_name(shape: dict) -> str:
+    """The name of the shape a result was trained at (a merge reads it back from the results)."""
+    named = [name for name, known in SHAPES.items() if known == shape]
+    return f"{named[0]} shape" if named else f"custom shape ({shape['steps']} steps)"
+
+
+def finish(results: dict, out: Path) -> None:
     """Summary, comparisons, JSON, markdown and plot; compute relative to the full-depth dense twin."""
     if not results.get("flops_relative_to_full_dense"):
         full = results["shape"]["model"]["n_layer"]
@@ -336,7 +342,10 @@ def finish(results: dict, out: Path, shape_name: str) -> None:
         if "curve" in rows[0] and not name.startswith(("dense", "tsa_budget_", "retrofit_budget_")):
             curves[f"{name} (seed {rows[0]['seed']}, thresholds)"] = rows[0]["curve"]["points"]
     corpus = CORPORA[results.get("corpus", "shakespeare")]
-    plot_curves(curves, out / "curves.png", title=f"{corpus} test, {shape_name} shape")
+    # threshold sweeps run far off to the right bpc-wise; the operating points set the scale
+    top = 1.03 * max(s["bpc"]["mean"] for name, s in summary.items() if name != "tsa_router_at_init")
+    title = f"{corpus} test, {shape_name(results['shape'])}"
+    plot_curves(curves, out / "curves.png", title=title, ymax=top)
     print(text)
 
 

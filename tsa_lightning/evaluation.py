@@ -135,8 +135,11 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> None:
-    """bpc against executed FLOPs (fraction of the dense twin's), one line per model."""
+def plot_curves(
+    curves: dict[str, list[dict]], path: Path, title: str = "", ymax: float | None = None
+) -> None:
+    """bpc against executed FLOPs (fraction of the dense twin's), one line per model; `ymax` cuts
+    the far tails of threshold sweeps off so that the operating points stay readable."""
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, points in curves.items():
         xs = [1 - p["flops_saved"] for p in points]
@@ -144,6 +147,8 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> N
     ax.set_xlabel("executed FLOPs / dense twin FLOPs")
     ax.set_ylabel("bits per token (hard mode)")
     ax.set_title(title)
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figure.tight_layout()
