@@ -87,8 +87,7 @@ class HaltQuantile(Metric):
 
     def compute(self) -> Tensor:
         """The p at or below which a share q of the sampled p lie."""
-        values = dim_zero_cat(self.values)
-        return torch.kthvalue(values.cpu(), max(1, round(self.q * values.numel()))).values
+        return order_statistic(dim_zero_cat(self.values).cpu(), self.q)
 
 
 class Nats(MeanMetric):
@@ -254,8 +253,7 @@ class TSALanguageModel(L.LightningModule):
         executed = self.model.executed_share(routing, self.train_threshold).detach()
         executed = self.trainer.strategy.reduce(executed, reduce_op="mean")
         # one threshold on every rank: the quantile of the p of the whole global batch
-        halts = self.all_gather(routing.halt_probs.detach()).double().flatten()
-        quantile = torch.kthvalue(halts.cpu(), max(1, round(budget * halts.numel()))).values.to(halts)
+        quantile = order_statistic(self.all_gather(routing.halt_probs.detach()), budget)
         self.budget_threshold.copy_(toward(self.budget_threshold, quantile, self.hparams.budget_momentum))
         self.config.skip_threshold = float(self.budget_threshold)  # validation during fit skips here too
         return executed
@@ -425,6 +423,12 @@ def upgrade_checkpoint(path: str) -> Path:
     target = Path(path).with_suffix(".upgraded.ckpt")
     torch.save(checkpoint, target)
     return target
+
+
+def order_statistic(values: Tensor, q: float) -> Tensor:
+    """The value at or below which a share q of `values` lie: one of them, never an interpolation,
+    so a threshold set here splits the values exactly, however many there are."""
+    return torch.kthvalue(values.flatten(), max(1, round(q * values.numel()))).values
 
 
 def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
