@@ -9,7 +9,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -21,7 +20,6 @@ from tsa_lightning.callbacks import HPARAM_METRICS
 from tsa_lightning.cli import main, sample
 from tsa_lightning.corpus import SHAKESPEARE_ALPHABET
 from tsa_lightning.data import ShakespeareDataModule
-from tsa_lightning.module import upgrade_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
@@ -302,20 +300,3 @@ def test_sample_refuses_bad_arguments_in_one_line(trained_run, flag, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", f"--ckpt_path={ckpt}", flag])
     assert str(exit_info.value.code).startswith(f"error: {message}")
-
-
-def test_a_checkpoint_from_before_model_config_is_refused_then_converted(trained_run, tmp_path, capsys):
-    checkpoint = torch.load(trained_run / "runs/cpu/checkpoints/last.ckpt", weights_only=True)
-    hparams = checkpoint["hyper_parameters"]
-    hparams.update(hparams.pop("config"))  # the flat layout of earlier versions
-    old = tmp_path / "old.ckpt"
-    torch.save(checkpoint, old)
-    config = f"--config={trained_run / 'runs/cpu/version_0/config.yaml'}"
-    for command in (["sample"], ["validate", config]):
-        with pytest.raises(SystemExit) as exit_info:
-            main([*command, f"--ckpt_path={old}"])
-        message = str(exit_info.value.code)
-        assert "predates model.config" in message and "upgrade_checkpoint" in message and "\n" not in message
-    converted = upgrade_checkpoint(str(old))
-    assert converted.name == "old.upgraded.ckpt"
-    assert len(sample(str(converted), prompt="ROMEO:", max_new_tokens=5)) == 5

@@ -42,8 +42,7 @@ def resumable_fit(corpus) -> list[str]:
         "--trainer.max_steps=60",
         "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1",
-        "--checkpoint.every_n_train_steps=5",
-        "--checkpoint.monitor=null",
+        "--last_checkpoint.every_n_train_steps=5",
         *QUIET,
     ]
 
@@ -91,7 +90,7 @@ def test_a_signal_saves_the_step_reached_and_resumes_exactly(uninterrupted, sign
         *resumable_fit(corpus), f"--trainer.logger.init_args.name={name}", "--ckpt_path=last", cwd=root
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    continued = scalars(root / "runs" / name / "version_1", "train/loss")
+    continued = scalars(root / "runs" / name / "version_0", "train/loss", since=saved["global_step"])
     assert min(continued) == saved["global_step"] and max(continued) == max(expected)
     for step, value in continued.items():
         assert value == pytest.approx(expected[step], abs=1e-5), step
@@ -153,7 +152,7 @@ def test_a_full_disk_during_fit_ends_in_one_line_and_keeps_last(small_corpus, tm
         real_save(obj, f)
 
     monkeypatch.setattr(runs.torch, "save", fails_on_the_third_write)
-    args = ["--trainer.max_steps=8", "--checkpoint.every_n_train_steps=2", "--checkpoint.monitor=null"]
+    args = ["--trainer.max_steps=8", "--last_checkpoint.every_n_train_steps=2"]
     message = cli_error(*fit_on(small_corpus, tmp_path, *args, "--trainer.limit_val_batches=0"), *QUIET)
     assert "could not write checkpoint" in message and "No space left on device" in message
     folder = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints"
@@ -264,9 +263,11 @@ def test_fit_validate_and_sample_in_every_precision_with_routers_that_skip(
     )
     main([*args, *QUIET])  # two steps
     split = split_routers(run / "checkpoints" / "last.ckpt", tmp_path / "split.ckpt", small_corpus)
-    main([*args, "--trainer.max_steps=4", f"--ckpt_path={split}", *QUIET])  # validates in hard mode at step 4
-    config = run / "version_0" / "config.yaml"
-    checkpoint = run / "checkpoints" / "last.ckpt"
+    # a new run from the split checkpoint, validating in hard mode at step 4
+    split_run = ["--trainer.logger.init_args.name=split", "--trainer.max_steps=4", f"--ckpt_path={split}"]
+    main([*args, *split_run, *QUIET])
+    config = tmp_path / "runs" / "split" / "version_0" / "config.yaml"
+    checkpoint = tmp_path / "runs" / "split" / "checkpoints" / "last.ckpt"
     main(["validate", f"--config={config}", f"--ckpt_path={checkpoint}", *QUIET])
     printed = capsys.readouterr().out
     saved = float(re.search(r"val/tlops_saved_executed\W+([-0-9.e]+)", printed).group(1))

@@ -12,20 +12,21 @@ import math
 import os
 import sys
 from argparse import ArgumentError
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from jsonargparse import auto_cli
+from jsonargparse import Namespace, auto_cli
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.callbacks import Dashboard, DepthMap, HaltingHistograms, HardSample, PredictionWriter
-from tsa_lightning.corpus import CorpusError
+from tsa_lightning.corpus import Codec, CorpusError
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.evaluation import (
     DEFAULT_THRESHOLDS,
@@ -36,16 +37,19 @@ from tsa_lightning.evaluation import (
     sweep,
     write_outputs,
 )
+from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
     LAST,
     AtomicCheckpointIO,
     GracefulStop,
+    LastCheckpoint,
     RunError,
     RunLock,
     describe_os_error,
     is_launching_process,
     read_checkpoint,
+    remove_partial_writes,
 )
 
 TRAINER_DEFAULTS = {
@@ -61,6 +65,20 @@ TRAINER_DEFAULTS = {
 }
 
 
+class SaveRunConfig(SaveConfigCallback):
+    """The run's `config.yaml`; a resume continuing the same log folder saves `config.resume<n>.yaml`
+    beside it, so that the first command and every later one are all kept."""
+
+    def setup(self, trainer: Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir
+        if log_dir is not None and (Path(log_dir) / self.config_filename).exists():
+            resumes = 1
+            while (Path(log_dir) / f"config.resume{resumes}.yaml").exists():
+                resumes += 1
+            self.config_filename = f"config.resume{resumes}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
 class TSALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # the corpus decides the vocabulary and the context: written once, in data
@@ -72,10 +90,13 @@ class TSALightningCLI(LightningCLI):
         parser.add_lightning_class_args(DepthMap, "depth_map")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(HardSample, "hard_sample")
+        # the best checkpoint by the metric; `last.ckpt` is LastCheckpoint's alone (added after it,
+        # so it runs after it and saves its newest record)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.monitor": "val/hard/bpc",
                 "checkpoint.mode": "min",
                 "checkpoint.filename": "best-{step}",
@@ -83,72 +104,166 @@ class TSALightningCLI(LightningCLI):
             }
         )
 
-    def before_instantiate_classes(self) -> None:
-        """Checkpoints go to a fixed folder per run name, so that `--ckpt_path last` finds them."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.checkpoint.dirpath is None:
-            logger = config.trainer.logger
-            args = logger.init_args if logger and hasattr(logger, "init_args") else None
-            if args is not None and "save_dir" in args:
-                config.checkpoint.dirpath = str(
-                    Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
-                )
-
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """A checkpoint path that names no usable file fails here, in one line, before Lightning reads it."""
+        """A checkpoint path that names no usable file fails here, in one line, before Lightning reads it;
+        `last` becomes this run's own `last.ckpt`."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            refuse_flat_checkpoint(ckpt_path)
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.checkpoint.save_last:
+            raise RunError(
+                "drop --checkpoint.save_last: every run writes last.ckpt itself (every "
+                "--last_checkpoint.every_n_train_steps steps, after each validation and at the end)"
+            )
+        config.ckpt_path = resolve_last(config.get("ckpt_path"), checkpoint_folder(config), subcommand)
+        self.saved = None  # the checkpoint's contents, read once (memory-mapped)
+        if config.ckpt_path and config.ckpt_path not in ("best", "hpc", "registry"):
+            self.saved = read_checkpoint(config.ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint's model options, except those given here: refused on resume, applied otherwise.
+
+        Lightning replaces every model option with the checkpoint's, silently. A resumed `fit`
+        continues the checkpoint's training (its optimizer, its schedule), so an option given
+        differently would be dropped: refuse it. `validate`, `test` and `predict` apply the given
+        options that do not change the weights' shapes (a threshold, a budget).
+        """
+        if self.saved is None:
+            return
+        subcommand = self.config.subcommand
+        ckpt_path = self.config[subcommand].ckpt_path
+        saved = self.saved["hyper_parameters"]
+        given = given_model_options(self.config[subcommand].model, self._subcommand_parsers[subcommand])
+        differing = {
+            key: value for key, value in given.items() if normalized(value) != normalized(lookup(saved, key))
+        }
+        shape_fields = {f"config.{f.name}" for f in fields(TSAConfig) if f.metadata.get("shape")}
+        refused = (
+            differing if subcommand == "fit" else {k: v for k, v in differing.items() if k in shape_fields}
+        )
+        if refused:
+            listed = ", ".join(
+                f"{key}={value!r} (checkpoint: {lookup(saved, key)!r})" for key, value in refused.items()
+            )
+            advice = (
+                "a resumed run continues the checkpoint's training; drop these options to resume it, or "
+                "start a new run under another name"
+                if subcommand == "fit"
+                else "these change the network's shape; use the run's own config.yaml with its checkpoint"
+            )
+            raise RunError(
+                f"the checkpoint {ckpt_path} was trained with other model options: {listed}; {advice}"
+            )
+        super()._parse_ckpt_path()
+        for key, value in differing.items():  # what validate/test/predict were asked for wins
+            self.config[subcommand].model[key] = value
+
+    def before_instantiate_classes(self) -> None:
+        """A resumed run continues its own log version: TensorBoard shows one run, not two."""
+        if self.subcommand != "fit" or self.saved is None:
+            return
+        config = self.config.fit
+        logger = config.trainer.logger
+        args = logger.init_args if logger and hasattr(logger, "init_args") else None
+        if args is not None and "version" in args and args.version is None and resumes_own_run(config):
+            args.version = self.saved.get("log_version")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Every run writes checkpoints atomically and stops cleanly on SIGTERM or SIGINT."""
+        """Every run writes checkpoints atomically into its own folder and stops cleanly on a signal."""
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        folder = checkpoint_folder(self.config[self.subcommand]) if self.subcommand else None
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is None:
+                callback.dirpath = folder and os.path.realpath(folder)
         trainer.callbacks.append(GracefulStop())
         return trainer
 
     def before_fit(self) -> None:
         """The run owns its checkpoint folder: one live run per folder, never over an earlier run's work."""
         config = self.config_init.fit
-        dirpath = config.checkpoint.dirpath
-        if not dirpath or not is_launching_process():
+        folder = checkpoint_folder(config)
+        if folder is None or not is_launching_process():
             return
-        self.run_lock = RunLock(Path(dirpath))
-        if config.ckpt_path == "last":  # only ever this folder's own last.ckpt
-            last = Path(dirpath) / LAST
-            if last.is_file():
-                config.ckpt_path = str(last)
-            else:
-                print(f"No checkpoint to resume in {dirpath}: a new run starts.", file=sys.stderr)
-                config.ckpt_path = None
-        if config.ckpt_path is None and any(Path(dirpath).glob("*.ckpt")):
+        RunLock(folder)  # held until the process ends (RunLock.held), never by an object a process pickles
+        remove_partial_writes(folder)
+        if not resumes_own_run(config) and any(folder.glob("*.ckpt")):
             raise RunError(
-                f"{dirpath} already holds checkpoints of an earlier run. Resume it with "
+                f"{folder} already holds checkpoints of an earlier run. Resume it with "
                 "`--ckpt_path last`, or start a new run under another name "
                 "(--trainer.logger.init_args.name=...) or folder (--checkpoint.dirpath=...)."
             )
+
+
+def checkpoint_folder(config) -> Path | None:
+    """A run's checkpoints: --checkpoint.dirpath, else <save_dir>/<name>/checkpoints beside its logs.
+
+    Derived at run time, never written into the run's config.yaml: a config reused under another
+    name gets a folder of its own.
+    """
+    if config.checkpoint.dirpath is not None:
+        return Path(config.checkpoint.dirpath)
+    logger = config.trainer.logger
+    args = logger.init_args if logger and hasattr(logger, "init_args") else None
+    if args is None or "save_dir" not in args:
+        return None
+    return Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
+
+
+def resumes_own_run(config) -> bool:
+    """Whether fit resumes from a checkpoint in this run's own folder (not another run's)."""
+    folder, ckpt_path = checkpoint_folder(config), config.get("ckpt_path")
+    if folder is None or ckpt_path is None:
+        return False
+    return Path(ckpt_path).parent.resolve() == folder.resolve()
+
+
+def resolve_last(ckpt_path: str | None, folder: Path | None, subcommand: str) -> str | None:
+    """`last` means this run's own `<folder>/last.ckpt`; without one, fit starts anew (nothing to resume)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    last = folder / LAST if folder is not None else None
+    if last is not None and last.is_file():
+        return str(last)
+    others = list(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
+    if others:
+        newest = max(others, key=os.path.getmtime)
+        raise RunError(
+            f"{folder} has no {LAST} (the run was killed before writing one); resume from its newest "
+            f"checkpoint with --ckpt_path {newest}, or start a new run under another name"
+        )
+    if subcommand != "fit":
+        raise RunError(f"--ckpt_path last: there is no {last or LAST}; give the .ckpt file to {subcommand}")
+    print(f"No checkpoint to resume in {folder}: a new run starts.", file=sys.stderr)
+    return None
+
+
+def given_model_options(model: Namespace, parser: LightningArgumentParser) -> dict:
+    """Model options whose value is not the parser's default: those the command line or a config gave."""
+    defaults = parser.get_defaults().model
+    return {key: value for key, value in model.items() if normalized(value) != normalized(defaults.get(key))}
+
+
+def lookup(hparams: dict, key: str):
+    """`config.n_layer` in a checkpoint's nested hyperparameters."""
+    for part in key.split("."):
+        hparams = hparams.get(part) if isinstance(hparams, dict) else None
+    return hparams
+
+
+def normalized(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def load_checkpoint(ckpt_path: str | None) -> TSALanguageModel:
     """The module saved by `fit`, on the CPU; refused in one line when unusable or older than model.config."""
     if ckpt_path is None:
         raise SystemExit("error: --ckpt_path is required: the .ckpt file written by `fit`")
-    refuse_flat_checkpoint(ckpt_path)
+    read_checkpoint(ckpt_path)  # one line for a missing, cut-short or foreign file
     return TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
-
-
-def refuse_flat_checkpoint(ckpt_path: str) -> None:
-    """A usable checkpoint of this package; those from before `model.config` kept the network's
-    options beside the training ones."""
-    if "config" not in read_checkpoint(ckpt_path)["hyper_parameters"]:
-        raise SystemExit(
-            f"error: {ckpt_path} predates model.config (the network's options were flat); convert it once: "
-            'python -c "from tsa_lightning.module import upgrade_checkpoint as u; '
-            f"print(u('{ckpt_path}'))\" and use the .upgraded.ckpt it prints"
-        )
 
 
 def check_range(name: str, value: float | None, low: float, high: float = math.inf) -> None:
@@ -159,14 +274,11 @@ def check_range(name: str, value: float | None, low: float, high: float = math.i
 
 def same_vocabulary(module: TSALanguageModel, data: TextDataModule) -> None:
     """A model scores only the symbols it was trained on."""
-
-    def described(alphabet: str | None) -> str:
-        return "bytes (256)" if alphabet is None else f"{len(alphabet)} characters {alphabet!r}"
-
-    if module.codec.alphabet != data.alphabet:
+    different = module.codec.difference(Codec(data.alphabet))
+    if different:
         raise SystemExit(
-            f"error: the checkpoint's vocabulary is {described(module.codec.alphabet)}, the data's is "
-            f"{described(data.alphabet)}; evaluate a checkpoint on the corpus it was trained on"
+            f"error: the checkpoint's vocabulary differs from the data's ({different}); evaluate a "
+            "checkpoint on the corpus it was trained on"
         )
 
 
@@ -293,6 +405,7 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=1337,
+            save_config_callback=SaveRunConfig,
             parser_kwargs={"exit_on_error": False},
             args=args,
         )

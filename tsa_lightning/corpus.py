@@ -70,6 +70,22 @@ class Codec:
             return bytes(ids).decode("utf-8", errors="replace")
         return "".join(self.alphabet[i] for i in ids)
 
+    def difference(self, other: Codec) -> str | None:
+        """None when both give every symbol the same id; else where they differ, in words."""
+        if self.alphabet == other.alphabet:
+            return None
+        if self.alphabet is None or other.alphabet is None:
+            return f"{self.described} against {other.described}"
+        only = "".join(sorted(set(self.alphabet) - set(other.alphabet)))
+        missing = "".join(sorted(set(other.alphabet) - set(self.alphabet)))
+        if only or missing:
+            return f"{self.described} with {only!r} but not {missing!r}"
+        return f"the same {len(self.alphabet)} characters in another order"
+
+    @property
+    def described(self) -> str:
+        return "bytes (256 ids)" if self.alphabet is None else f"{len(self.alphabet)} characters"
+
 
 @dataclass
 class Corpus:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields
-from pathlib import Path
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -358,6 +357,12 @@ class TSALanguageModel(L.LightningModule):
             self.config.skip_threshold = (
                 float(state["budget_threshold"]) if math.isnan(calibrated) else calibrated
             )
+        different = Codec(checkpoint["hyper_parameters"].get("alphabet")).difference(self.codec)
+        if different:
+            raise ValueError(
+                f"the checkpoint's vocabulary differs from the data's ({different}); use the corpus "
+                "the checkpoint was trained on"
+            )
         saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
         mismatched = [
             f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
@@ -415,16 +420,6 @@ class TSALanguageModel(L.LightningModule):
         return self.codec.decode(out[0][len(idx) :])
 
 
-def upgrade_checkpoint(path: str) -> Path:
-    """Write <stem>.upgraded.ckpt beside a checkpoint from before `model.config`, with its options nested."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = checkpoint["hyper_parameters"]
-    hparams["config"] = {f.name: hparams.pop(f.name) for f in fields(TSAConfig) if f.name in hparams}
-    target = Path(path).with_suffix(".upgraded.ckpt")
-    torch.save(checkpoint, target)
-    return target
-
-
 def order_statistic(values: Tensor, q: float) -> Tensor:
     """The value at or below which a share q of `values` lie: one of them, never an interpolation,
     so a threshold set here splits the values exactly, however many there are."""
@@ -460,10 +455,7 @@ def check_budget(model: TSATransformer, budget: float, momentum: float, depth_lo
 def load_dense_trunk(path: str, config: TSAConfig) -> TSATransformer:
     """The dense model a retrofit starts from, refused in one line unless its trunk is this model's."""
     checkpoint = read_checkpoint(path)
-    saved = checkpoint["hyper_parameters"].get("config")
-    if saved is None:
-        raise ValueError(f"init_from {path} predates model.config; upgrade it with module.upgrade_checkpoint")
-    dense_config = TSAConfig(**saved)
+    dense_config = TSAConfig(**checkpoint["hyper_parameters"]["config"])
     if dense_config.routing != "none":
         raise ValueError(
             f"init_from {path} is a {dense_config.routing!r} model; retrofitting starts from a dense one "

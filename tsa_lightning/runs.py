@@ -2,6 +2,8 @@
 
 - `RunLock`: one live `fit` per checkpoint folder; the lock is an OS file lock, so it dies with
   its process and a crashed run never blocks the next one.
+- `LastCheckpoint`: `last.ckpt` always holds the newest state - every N steps, after every
+  validation and at the end of training, whatever the best-checkpoint settings are.
 - `GracefulStop`: SIGTERM or SIGINT ends training after the current step with a resumable
   checkpoint, and the command exits 143 or 130 instead of pretending it finished.
 - `AtomicCheckpointIO`: a checkpoint is written to a temporary file beside its target, flushed to
@@ -21,6 +23,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 LAST = "last.ckpt"
@@ -68,6 +71,61 @@ class RunLock:
             lock.release()
 
 
+class LastCheckpoint(Checkpoint):
+    """Writes `<dirpath>/last.ckpt`: every `every_n_train_steps`, after each validation, at the end.
+
+    Separate from the best-by-metric checkpoint (Lightning's ModelCheckpoint refreshes its `last`
+    only when it also saves a top-k one, and versions the name when it finds a file it did not
+    write): this one always overwrites the same path, so a stopped, moved or copied run resumes
+    from its newest state. A `Checkpoint` subclass, so Lightning runs it after the callbacks whose
+    state it saves (the best checkpoint's bookkeeping included).
+
+    Args:
+        every_n_train_steps: write `last.ckpt` at least this often (in optimizer steps), so that a
+            killed run loses at most this many steps.
+    """
+
+    def __init__(self, every_n_train_steps: int = 100) -> None:
+        if every_n_train_steps < 1:
+            raise ValueError(f"last_checkpoint.every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        self.every_n_train_steps = every_n_train_steps
+        self.dirpath: Path | None = None  # the run's checkpoint folder, set by the CLI
+
+    @property
+    def path(self) -> Path:
+        if self.dirpath is None:
+            raise RunError("LastCheckpoint needs the run's checkpoint folder (dirpath)")
+        return Path(self.dirpath) / LAST
+
+    def save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.save(trainer)  # after validation: with the newest calibration and best-checkpoint record
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)  # max_steps, max_epochs, max_time or early stopping: the final state
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Every checkpoint names its log version, so that a resume continues in the same folder."""
+        checkpoint["log_version"] = trainer.logger.version if trainer.logger is not None else None
+
+
+def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Temporary files of writes that a SIGKILL or a power cut interrupted (the targets are intact)."""
+    for partial in folder.glob(".*.partial"):
+        partial.unlink(missing_ok=True)
+
+
 def is_launching_process() -> bool:
     """True in the process a user started (not in the extra ranks a DDP launcher spawns)."""
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
@@ -103,8 +161,8 @@ class GracefulStop(L.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         signum = signal.Signals(self.signum or signal.SIGTERM)
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
-        path = Path(folder or trainer.default_root_dir) / LAST
+        last = last_checkpoint(trainer)
+        path = last.path if last is not None else Path(trainer.default_root_dir) / LAST
         trainer.save_checkpoint(path)
         exception.code = EXIT_CODES[signum]
         exception.add_note(
@@ -163,7 +221,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a readable checkpoint (cut short, or not written by torch.save); "
             "use another checkpoint of the run, e.g. the best-*.ckpt beside it"
         ) from None
-    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= checkpoint.keys():
+    if (
+        not isinstance(checkpoint, dict)
+        or not {"state_dict", "hyper_parameters"} <= checkpoint.keys()
+        or "config" not in checkpoint["hyper_parameters"]
+    ):
         raise RunError(f"{path} is not a tsa-lightning checkpoint (it has no model hyperparameters)")
     return checkpoint
 
