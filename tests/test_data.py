@@ -128,6 +128,15 @@ def test_checksum_mismatch_is_clear_and_leaves_the_file_alone(small_corpus):
     assert snapshot(small_corpus.parent) == before
 
 
+def test_an_edited_shakespeare_follows_the_checksum_advice(tmp_path):
+    edited = write_corpus(tmp_path / "input.txt", alphabet=SHAKESPEARE_ALPHABET)
+    with pytest.raises(CorpusError, match="sha256=null"):
+        ShakespeareDataModule(path=str(edited), block_size=8).setup()
+    data = ShakespeareDataModule(path=str(edited), block_size=8, sha256=None)  # the advice, taken
+    data.setup()
+    assert data.vocab_size == len(SHAKESPEARE_ALPHABET)
+
+
 def test_download_goes_through_a_temporary_name_and_is_verified(tmp_path):
     source = write_corpus(tmp_path / "source.txt")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()

@@ -79,6 +79,22 @@ def test_evaluate_writes_every_field_and_is_monotone(tmp_path, small_corpus, rou
         evaluate(ckpt, data, split="val", out_dir=str(out), limit_batches=3)
 
 
+def test_an_interrupted_write_leaves_no_partial_set(tmp_path, monkeypatch):
+    """Ctrl-C while the outputs are written: none of them stays to block the rerun."""
+    from tsa_lightning import evaluation
+
+    points = [dict.fromkeys(FIELDS, 0.5)]
+    result = {"routing": "tsa", "soft_bpc": 1.0, "targets": 10, "points": points}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "plot_curves", interrupted)  # after the JSON and markdown exist
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.write_outputs(result, tmp_path / "eval", "run")
+    assert not [p for p in evaluation.output_paths(tmp_path / "eval", "run") if p.exists()]
+
+
 @torch.no_grad()
 def plain_loop(model, loader, mode: str, threshold: float | None = None) -> dict:
     """The scoring loop `evaluate` ran outside Lightning before: the numbers the sweep must reproduce."""
@@ -132,9 +148,16 @@ def test_evaluate_checks_its_arguments_and_outputs_before_any_work(tmp_path, sma
     with pytest.raises(SystemExit, match="tensorboard/tsa exists"):
         evaluate(ckpt, data, out_dir=str(tmp_path / "eval"))
     other = TextDataModule(str(write_corpus(tmp_path / "other.txt", alphabet="xyz\n")), block_size=16)
-    with pytest.raises(SystemExit, match=r"vocabulary is 10 characters .* the data's is 4 characters"):
+    expected = (
+        "the checkpoint: 10 characters, the data: 4 characters; only the checkpoint has ' abcdefgh'; "
+        "only the data has 'xyz'"
+    )
+    with pytest.raises(SystemExit, match=re.escape(expected)):
         evaluate(ckpt, other, out_dir=str(tmp_path / "eval2"))
     assert not (tmp_path / "eval2").exists()
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="a_file is a file; give a folder"):
+        evaluate(ckpt, data, out_dir=str(tmp_path / "a_file"))
 
 
 SPREAD = {"tsa": spread_routers, "mod": spread_predictors}

@@ -1,5 +1,7 @@
 """Bad input ends in one line that names the problem and the fix; broken training never eats a checkpoint."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -48,6 +50,26 @@ def test_unknown_key_in_a_config_file(small_corpus, tmp_path):
     config.write_text("model:\n  learning_rat: 0.1\n")
     message = cli_error(*fit_on(small_corpus, tmp_path, f"--config={config}"))
     assert "learning_rat" in message
+
+
+def test_a_broken_second_config_file_is_named(small_corpus, tmp_path):
+    config = tmp_path / "overlay.yaml"
+    config.write_text("trainer:\n  max_steps: 2\n   extra: [\n")
+    message = cli_error(*fit_on(small_corpus, tmp_path, f"--config={config}"))
+    assert f"config file {config} is not valid YAML at line 3" in message
+
+
+def test_a_refused_data_option_is_one_reason_not_a_type_dump(small_corpus, tmp_path):
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--data.init_args.batch_size=0"))
+    assert message == "error: batch_size must be a positive integer, got 0"
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--data.init_args.batch_sizee=3"))
+    assert "'batch_sizee' is not accepted" in message and "Given value" not in message, message
+
+
+def test_a_file_name_that_is_not_utf8_is_named(small_corpus, tmp_path):
+    odd = os.fsdecode(bytes(tmp_path / "caf") + b"\xe9.txt")
+    message = cli_error(*fit_on(small_corpus, tmp_path, f"--data.init_args.path={odd}"))
+    assert "is not valid UTF-8" in message and "rename the file" in message
 
 
 def test_wrong_type(small_corpus, tmp_path):
@@ -105,7 +127,7 @@ def test_checkpoint_from_an_incompatible_config(small_corpus, tmp_path):
     checkpoint = next((tmp_path / "runs").glob("*/checkpoints/last.ckpt"))
     other = write_corpus(tmp_path / "other.txt", alphabet="xyz\n")
     message = cli_error(*fit_on(other, tmp_path, f"--ckpt_path={checkpoint}"))
-    assert "vocab_size=10" in message and "this run: 4" in message
+    assert "vocabulary differs" in message and "the checkpoint: 10 characters, the data: 4" in message
 
 
 class PoisonAt(L.Callback):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from argparse import ArgumentError
 from dataclasses import fields
@@ -18,6 +19,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace, auto_cli
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
@@ -48,6 +50,7 @@ from tsa_lightning.runs import (
     RunLock,
     describe_os_error,
     is_launching_process,
+    last_checkpoint,
     read_checkpoint,
     remove_partial_writes,
 )
@@ -197,6 +200,34 @@ class TSALightningCLI(LightningCLI):
                 "(--trainer.logger.init_args.name=...) or folder (--checkpoint.dirpath=...)."
             )
 
+    def after_fit(self) -> None:
+        """Where everything went, the final metrics, and what to run next."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        print(end_of_run(trainer), file=sys.stderr)
+
+
+def end_of_run(trainer: Trainer) -> str:
+    lines = [f"Run finished at step {trainer.global_step}."]
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    shown = [k for k in ("val/bpc", "val/hard/bpc", "val/tlops_saved_executed") if k in metrics]
+    if shown:
+        lines.append("  last validation: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+    last = last_checkpoint(trainer)
+    if last is not None and last.path.is_file():
+        lines.append(f"  final state:     {last.path}")
+    best = trainer.checkpoint_callback
+    if best is not None and best.best_model_path:
+        score = f" ({best.monitor} {float(best.best_model_score):.4f})" if best.best_model_score else ""
+        lines.append(f"  best checkpoint: {best.best_model_path}{score}")
+    if trainer.log_dir is not None:
+        board = Path(trainer.log_dir).parent.parent
+        lines.append(f"  logs:            {trainer.log_dir}  (see them: tensorboard --logdir {board})")
+    if last is not None and last.path.is_file():
+        lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}")
+    return "\n".join(lines)
+
 
 def checkpoint_folder(config) -> Path | None:
     """A run's checkpoints: --checkpoint.dirpath, else <save_dir>/<name>/checkpoints beside its logs.
@@ -274,7 +305,7 @@ def check_range(name: str, value: float | None, low: float, high: float = math.i
 
 def same_vocabulary(module: TSALanguageModel, data: TextDataModule) -> None:
     """A model scores only the symbols it was trained on."""
-    different = module.codec.difference(Codec(data.alphabet))
+    different = module.codec.difference(Codec(data.alphabet), ("the checkpoint", "the data"))
     if different:
         raise SystemExit(
             f"error: the checkpoint's vocabulary differs from the data's ({different}); evaluate a "
@@ -356,6 +387,8 @@ def evaluate(
     if data is None:
         raise SystemExit("error: --data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
     name = name or Path(str(ckpt_path)).stem
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise SystemExit(f"error: --out_dir {out_dir} is a file; give a folder for the sweep's outputs")
     for path in output_paths(Path(out_dir), name):
         if path.exists():
             raise SystemExit(f"error: {path} exists; choose another --out_dir or --name")
@@ -373,6 +406,8 @@ def evaluate(
     if trainer.is_global_zero:
         write_outputs(result, Path(out_dir), name)
         print(markdown_table(result))
+        stem = Path(out_dir) / name
+        print(f"Wrote {stem}.json, .md, .png and {Path(out_dir) / 'tensorboard' / name}/", file=sys.stderr)
     return result
 
 
@@ -390,12 +425,46 @@ def overview() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(argv: list[str]) -> None:
+    """Faults jsonargparse would report without naming the argument or the file: found here first."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            raise RunError(
+                f"argument {os.fsencode(arg)!r} is not valid UTF-8 (a file name in another encoding?); "
+                "rename the file, or link to it under a UTF-8 name"
+            ) from None
+        config = arg.removeprefix("--config=") if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        if config and Path(config).is_file():
+            try:
+                yaml.safe_load(Path(config).read_text())
+            except yaml.YAMLError as e:
+                where = getattr(e, "problem_mark", None)
+                at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+                problem = getattr(e, "problem", e)
+                raise RunError(f"config file {config} is not valid YAML{at}: {problem}") from None
+
+
+def explained(message: str) -> str:
+    """One line: jsonargparse's reasons without its dump of every type a value could have had."""
+    if "Errors:" not in message:
+        return " ".join(message.split())
+    head = message.split("Does not validate")[0]
+    errors = message.split("Errors:", 1)[1].split("Given value")[0]
+    reasons = [" ".join(item.split()) for item in re.split(r"\n\s*- ", "\n" + errors) if item.strip()]
+    return " ".join((head + "; ".join(r for r in reasons if "NoneType" not in r)).split())
+
+
 def main(args: list[str] | None = None) -> None:
     """Bad input ends in one line that says what to fix; TSA_TRACEBACK=1 shows the traceback instead."""
     argv = sys.argv[1:] if args is None else args
     if not argv or argv[0] in ("-h", "--help"):
         overview().parse_args(argv)
     try:
+        check_arguments(argv)
         if argv and argv[0] in SUBCOMMANDS:
             auto_cli(SUBCOMMANDS[argv[0]], args=argv[1:])
             return
@@ -416,11 +485,11 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get("TSA_TRACEBACK"):
             raise
         command = argv[0] if argv else "fit"
-        sys.exit(f"error: {' '.join(str(e).split())} (see `tsa-lightning {command} --help` for the options)")
+        sys.exit(f"error: {explained(str(e))} (see `tsa-lightning {command} --help` for the options)")
     except (CorpusError, RunError, ValueError, FloatingPointError) as e:
         if os.environ.get("TSA_TRACEBACK"):
             raise
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {explained(str(e))}")
     except OSError as e:  # a full disk, a read-only folder, a folder where a file should be
         if os.environ.get("TSA_TRACEBACK"):
             raise

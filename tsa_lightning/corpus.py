@@ -70,17 +70,22 @@ class Codec:
             return bytes(ids).decode("utf-8", errors="replace")
         return "".join(self.alphabet[i] for i in ids)
 
-    def difference(self, other: Codec) -> str | None:
+    def difference(self, other: Codec, names: tuple[str, str] = ("the first", "the second")) -> str | None:
         """None when both give every symbol the same id; else where they differ, in words."""
         if self.alphabet == other.alphabet:
             return None
+        sizes = f"{names[0]}: {self.described}, {names[1]}: {other.described}"
         if self.alphabet is None or other.alphabet is None:
-            return f"{self.described} against {other.described}"
+            return sizes
         only = "".join(sorted(set(self.alphabet) - set(other.alphabet)))
         missing = "".join(sorted(set(other.alphabet) - set(self.alphabet)))
-        if only or missing:
-            return f"{self.described} with {only!r} but not {missing!r}"
-        return f"the same {len(self.alphabet)} characters in another order"
+        if not only and not missing:
+            return f"the same {len(self.alphabet)} characters in another order"
+        return "; ".join(
+            [sizes]
+            + ([f"only {names[0]} has {only!r}"] if only else [])
+            + ([f"only {names[1]} has {missing!r}"] if missing else [])
+        )
 
     @property
     def described(self) -> str:

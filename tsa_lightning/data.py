@@ -285,14 +285,21 @@ class ShakespeareDataModule(TextDataModule):
     Args:
         data_dir: folder holding tinyshakespeare/input.txt (default: $TSA_DATA_DIR, else ./data).
         path: the file itself, wherever it is (overrides data_dir).
+        sha256: checksum of the file; None uses an edited or other copy unverified.
     """
 
-    def __init__(self, data_dir: str | None = None, path: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        path: str | None = None,
+        sha256: str | None = SHAKESPEARE_SHA256,
+        **kwargs,
+    ) -> None:
         super().__init__(
             path=path or str(data_root(data_dir) / "tinyshakespeare" / "input.txt"),
             level="char",
             alphabet=SHAKESPEARE_ALPHABET,
-            sha256=SHAKESPEARE_SHA256,
+            sha256=sha256,
             url=SHAKESPEARE_URL,
             **kwargs,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -164,12 +165,18 @@ def output_paths(out_dir: Path, name: str) -> list[Path]:
 
 
 def write_outputs(result: dict, out_dir: Path, name: str) -> None:
-    """JSON, markdown, PNG and TensorBoard (tensorboard/<name>/), side by side in out_dir."""
+    """JSON, markdown, PNG and TensorBoard (tensorboard/<name>/), side by side in out_dir: all of them
+    or, when interrupted, none (a partial set would block the rerun)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out_dir / f"{name}.md").write_text(markdown_table(result))
-    plot_curves({name: result["points"]}, out_dir / f"{name}.png", title=name)
-    with SummaryWriter(str(out_dir / "tensorboard" / name)) as writer:
-        for i, p in enumerate(result["points"]):
-            for key in ("bpc", "executed_tlops_saved", "flops_saved", "threshold"):
-                writer.add_scalar(f"sweep/{name}/{key}", p[key], global_step=i)
+    try:
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (out_dir / f"{name}.md").write_text(markdown_table(result))
+        plot_curves({name: result["points"]}, out_dir / f"{name}.png", title=name)
+        with SummaryWriter(str(out_dir / "tensorboard" / name)) as writer:
+            for i, p in enumerate(result["points"]):
+                for key in ("bpc", "executed_tlops_saved", "flops_saved", "threshold"):
+                    writer.add_scalar(f"sweep/{name}/{key}", p[key], global_step=i)
+    except BaseException:  # Ctrl-C included
+        for path in output_paths(out_dir, name):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise

@@ -357,7 +357,9 @@ class TSALanguageModel(L.LightningModule):
             self.config.skip_threshold = (
                 float(state["budget_threshold"]) if math.isnan(calibrated) else calibrated
             )
-        different = Codec(checkpoint["hyper_parameters"].get("alphabet")).difference(self.codec)
+        different = Codec(checkpoint["hyper_parameters"].get("alphabet")).difference(
+            self.codec, ("the checkpoint", "the data")
+        )
         if different:
             raise ValueError(
                 f"the checkpoint's vocabulary differs from the data's ({different}); use the corpus "

@@ -90,6 +90,7 @@ class LastCheckpoint(Checkpoint):
             raise ValueError(f"last_checkpoint.every_n_train_steps must be >= 1, got {every_n_train_steps}")
         self.every_n_train_steps = every_n_train_steps
         self.dirpath: Path | None = None  # the run's checkpoint folder, set by the CLI
+        self.saved_step: int | None = None
 
     @property
     def path(self) -> Path:
@@ -99,9 +100,11 @@ class LastCheckpoint(Checkpoint):
 
     def save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step % self.every_n_train_steps == 0:
+        step = trainer.global_step
+        if step % self.every_n_train_steps == 0 and step != self.saved_step:  # once, accumulating too
             self.save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -209,8 +212,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise RunError(f"checkpoint {path} is a folder; give a .ckpt file in it, e.g. {path / LAST}")
     if not path.is_file():
         raise RunError(
-            f"checkpoint {path} does not exist; give the path of a .ckpt file (runs/<name>/checkpoints/) "
-            "or `last` to resume the latest run"
+            f"checkpoint {path} does not exist; give the path of a .ckpt file, "
+            "e.g. runs/<name>/checkpoints/last.ckpt"
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
