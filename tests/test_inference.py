@@ -100,21 +100,58 @@ def test_batched_prefill_equals_position_by_position_prefill():
     assert (~batched[2].executed).sum() > 0  # the prompt really skipped blocks
 
 
+def recompute(model, prompt: torch.Tensor, max_new_tokens: int, threshold: float | None = None):
+    """Greedy decoding as generate_cached states it: past block_size, keep the last block_size // 2
+    tokens, re-read them, go on; every step a full hard forward over the context."""
+    window = model.config.block_size
+    context = prompt.clone()
+    reference = prompt.clone()
+    for _ in range(max_new_tokens):
+        if len(context) > window:
+            context = context[-(window // 2) :]
+        logits = model(context[None], mode="hard", threshold=threshold)[0][0, -1]
+        token = logits.argmax()[None]
+        context, reference = torch.cat([context, token]), torch.cat([reference, token])
+    return reference
+
+
 def test_long_samples_equal_their_stated_recomputation():
     """Past block_size: keep the last block_size // 2 tokens, re-read them, go on (README, sample)."""
     model = trained_like("tsa")
-    window = TINY["block_size"]
     prompt = prompts_of_lengths(10)[0]
     out = generate_cached(model, [prompt], max_new_tokens=40, temperature=0)[0]
-    context = prompt.clone()
-    reference = prompt.clone()
-    for _ in range(40):
-        if len(context) > window:
-            context = context[-(window // 2) :]
-        logits = model(context[None], mode="hard")[0][0, -1]  # full recomputation over the context
-        token = logits.argmax()[None]
-        context, reference = torch.cat([context, token]), torch.cat([reference, token])
-    assert torch.equal(out, reference)
+    assert torch.equal(out, recompute(model, prompt, 40))
+
+
+def lively(model):
+    """Larger random trunk weights: an untrained tiny model's greedy samples otherwise collapse into
+    one repeated token, which any batching would get right."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("wte", "wpe", "blocks")) and p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 3 / p.size(-1) ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize("routing", ["tsa", "early_exit", "mod", "none"])
+def test_long_samples_of_different_lengths_keep_each_row_its_own_context(routing):
+    """A row refills its cache when it would alone: its sample never depends on the rest of the batch."""
+    model = lively(trained_like(routing))
+    threshold = 0.7 if routing == "early_exit" else 0.5
+    prompts = prompts_of_lengths(10, 16, 3)
+    batched = generate_cached(model, prompts, max_new_tokens=40, temperature=0, threshold=threshold)
+    for prompt, got in zip(prompts, batched, strict=True):
+        alone = generate_cached(model, [prompt], max_new_tokens=40, temperature=0, threshold=threshold)[0]
+        assert torch.equal(got, alone)
+        assert torch.equal(got, recompute(model, prompt, 40, threshold))
+    assert len({tuple(o[-40:].tolist()) for o in batched}) == 3  # the samples differ, and none is one token
+    assert all(len(set(o[-40:].tolist())) > 2 for o in batched)
+    if routing != "none":  # the rows skip, and skip differently
+        starts = torch.stack([o[: model.config.block_size] for o in batched])  # prompt and first new tokens
+        skipped = ~model(starts, mode="hard", threshold=threshold)[2].executed
+        assert 0 < skipped[..., 1:].float().mean() < 1
+        assert not torch.equal(skipped[0], skipped[1]) and not torch.equal(skipped[0], skipped[2])
 
 
 @pytest.mark.parametrize("top_k", [None, 3])

@@ -27,10 +27,12 @@ def generate_cached(
 ) -> list[Tensor]:
     """Sample with a key/value cache; prompts may differ in length. Returns prompt + new tokens.
 
-    Within block_size tokens this equals sampling by full recomputation. Learned position
-    embeddings allow no more, so a longer sample re-reads its last block_size // 2 tokens into a
-    fresh cache whenever the cache is full. `compile` runs the steps through torch.compile (dynamic
-    shapes: one graph serves every position; the first call pays the compilation).
+    Each row equals sampling it alone by full recomputation over its own context: its prompt's
+    last block_size tokens, then every new token. Learned position embeddings allow no more, so
+    when a row's context outgrows block_size it keeps only its last block_size // 2 tokens; the
+    batch's cache is then refilled from every row's own context, left-padded again, so no row's
+    sample depends on the rest of its batch. `compile` runs the steps through torch.compile
+    (dynamic shapes: one graph serves every position; the first call pays the compilation).
     """
     model.eval()
     forward = torch.compile(model, dynamic=True) if compile else model
@@ -42,20 +44,20 @@ def generate_cached(
     tokens = torch.zeros(len(prompts), T0, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens[b, T0 - len(p) :] = p.to(device)
-    pads = torch.tensor([T0 - len(p) for p in prompts], device=device)
-    context = tokens[:, -window:]
+    lengths = torch.tensor([min(len(p), window) for p in prompts])  # row b's context: its last lengths[b]
+    width = int(lengths.max())  # the cache's rows are left-padded to the longest context
     try:
         for step in range(max_new_tokens):
-            if step == 0 or context.size(1) > window:  # (re)fill the cache from the context
-                context = context[:, -(window // 2 if step else window) :]
-                start = (pads - (tokens.size(1) - context.size(1))).clamp(min=0)
-                model.set_kv_cache(len(prompts), window, start)
-                logits = forward(context, mode=mode, threshold=threshold, input_pos=0)[0]
+            if step == 0 or width > window:  # (re)fill the cache from each row's own context
+                lengths[lengths > window] = window // 2
+                width = int(lengths.max())
+                model.set_kv_cache(len(prompts), window, start=(width - lengths).to(device))
+                logits = forward(tokens[:, -width:], mode=mode, threshold=threshold, input_pos=0)[0]
             else:
-                last = context.size(1) - 1
-                logits = forward(context[:, -1:], mode=mode, threshold=threshold, input_pos=last)[0]
+                logits = forward(tokens[:, -1:], mode=mode, threshold=threshold, input_pos=width - 1)[0]
             token = sample_next(logits[:, -1], temperature, top_k)[:, None]
-            tokens, context = torch.cat([tokens, token], dim=1), torch.cat([context, token], dim=1)
+            tokens = torch.cat([tokens, token], dim=1)
+            lengths, width = lengths + 1, width + 1
     finally:
         model.clear_kv_cache()
     return [torch.cat([p.to(device), tokens[b, T0:]]) for b, p in enumerate(prompts)]
