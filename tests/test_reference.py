@@ -557,3 +557,17 @@ def test_a_checkpoint_with_another_n_head_is_refused_when_a_trainer_restores_it(
     trainer = lightning.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"n_head=2 \(this run: 4\)"):
         trainer.validate(other, data, ckpt_path=path, verbose=False)
+
+
+def test_a_shape_given_to_load_from_checkpoint_is_refused(tmp_path):
+    """Lightning writes load_from_checkpoint's arguments over the saved hyperparameters before the
+    module sees them: the check reads the network as saved, kept apart."""
+    trainer = lightning.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    saved = TSALanguageModel(TSAConfig(**SHAPE))
+    trainer.strategy.connect(saved)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"n_head=2 \(this run: 4\)"):
+        TSALanguageModel.load_from_checkpoint(path, config={**SHAPE, "n_head": 4})
+    loaded = TSALanguageModel.load_from_checkpoint(path, config={**SHAPE, "skip_threshold": 0.3})
+    assert loaded.config.skip_threshold == 0.3  # how it runs may change, its shape may not

@@ -65,6 +65,10 @@ def test_last_is_refreshed_by_validations_that_do_not_improve_and_by_the_end_off
     folder = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints"
     assert checkpoints(folder) == ["best-2.ckpt", "last.ckpt"]
     assert step_of(folder / "last.ckpt") == 7
+    summary = result.stderr[result.stderr.index("Run finished at step 7.") :]  # the end names every file
+    assert f"final state:     {folder.resolve() / 'last.ckpt'}" in summary
+    assert f"best checkpoint: {folder.resolve() / 'best-2.ckpt'}" in summary
+    assert "tensorboard --logdir runs" in summary
 
 
 def test_a_resume_point_exists_from_the_first_interval_whatever_save_top_k(tmp_path):

@@ -221,9 +221,10 @@ def end_of_run(trainer: Trainer) -> str:
     if best is not None and best.best_model_path:
         score = f" ({best.monitor} {float(best.best_model_score):.4f})" if best.best_model_score else ""
         lines.append(f"  best checkpoint: {best.best_model_path}{score}")
-    if trainer.log_dir is not None:
-        board = Path(trainer.log_dir).parent.parent
-        lines.append(f"  logs:            {trainer.log_dir}  (see them: tensorboard --logdir {board})")
+    log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: that one waits for every rank
+    if log_dir is not None:
+        board = Path(log_dir).parent.parent
+        lines.append(f"  logs:            {log_dir}  (see them: tensorboard --logdir {board})")
     if last is not None and last.path.is_file():
         lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}")
     return "\n".join(lines)

@@ -365,7 +365,8 @@ class TSALanguageModel(L.LightningModule):
                 f"the checkpoint's vocabulary differs from the data's ({different}); use the corpus "
                 "the checkpoint was trained on"
             )
-        saved = TSAConfig(**checkpoint["hyper_parameters"]["config"])
+        # the network as saved: Lightning's load_from_checkpoint(config=...) rewrites the hyperparameters
+        saved = TSAConfig(**checkpoint.get("network", checkpoint["hyper_parameters"]["config"]))
         mismatched = [
             f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
             for key in saved.mismatches(self.config)
@@ -378,12 +379,14 @@ class TSALanguageModel(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """A checkpoint with NaN or infinite weights would overwrite the last good one: refuse it."""
+        """A checkpoint with NaN or infinite weights would overwrite the last good one: refuse it. The
+        network's config is kept apart from the hyperparameters, which loading may override."""
         broken = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
         if broken:
             raise FloatingPointError(
                 f"weights became non-finite ({', '.join(broken[:3])}); checkpoint not written"
             )
+        checkpoint["network"] = asdict(self.config)
 
     def configure_optimizers(self):
         hp = self.hparams
