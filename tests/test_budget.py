@@ -7,9 +7,10 @@ import torch
 from tests.conftest import write_corpus
 from tests.test_model import tokens
 from tests.test_robustness import cli_error, fit_on
+from tsa_lightning.budget import HaltQuantile
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import Routing, TSAConfig
-from tsa_lightning.module import HaltQuantile, TSALanguageModel
+from tsa_lightning.module import TSALanguageModel
 
 SHAPE = {"block_size": 32, "n_layer": 4, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 ROUTED = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)

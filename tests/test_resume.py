@@ -102,6 +102,36 @@ def test_a_resume_point_exists_from_the_first_interval_whatever_save_top_k(tmp_p
     assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("stop", ["max_time", "early_stopping"])
+def test_a_run_that_stops_itself_saves_its_final_state(tmp_path, stop):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    data = TextDataModule(str(corpus), block_size=16, batch_size=8)
+    model = TSALanguageModel(
+        TSAConfig(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    )
+    last = LastCheckpoint(every_n_train_steps=1000)
+    last.dirpath = tmp_path / "checkpoints"
+    ends = {
+        "max_time": {"max_time": {"seconds": 2}},
+        "early_stopping": {  # mode max: the second validation does not improve, and the run stops
+            "val_check_interval": 3,
+            "callbacks": [L.pytorch.callbacks.EarlyStopping("val/soft/loss", patience=0, mode="max")],
+        },
+    }[stop]
+    trainer = L.Trainer(
+        max_steps=10_000,
+        limit_val_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=True,
+        **{**ends, "callbacks": [*ends.get("callbacks", []), last]},
+    )
+    trainer.fit(model, data)
+    assert 0 < trainer.global_step < 10_000
+    assert step_of(last.path) == trainer.global_step
+
+
 def stop_and_wait(victim: subprocess.Popen, signum: int, when) -> str:
     deadline = time.time() + 300
     while not when() and victim.poll() is None and time.time() < deadline:

@@ -21,8 +21,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchmetrics import Metric, SumMetric
 
 from tsa_lightning.data import IGNORE_INDEX
+from tsa_lightning.metrics import ComputeMetric
 from tsa_lightning.model import Mode, TSATransformer
-from tsa_lightning.module import ComputeMetric
 
 MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever skipped
 QUIET = {  # a scoring Trainer: no logs, checkpoints, progress bar or model summary of its own

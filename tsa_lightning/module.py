@@ -9,103 +9,20 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchmetrics import MeanMetric, Metric, MetricCollection
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics import MetricCollection
 
-from tsa_lightning.accounting import ComputeReport, report, summarize, tally
+from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
+from tsa_lightning.budget import HaltQuantile, check_budget, order_statistic, toward
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.inference import generate_cached
+from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
 from tsa_lightning.model import Mode, Routing, TSAConfig, TSATransformer
 from tsa_lightning.runs import read_checkpoint
 
 MODES = ("soft", "hard")
 STAGES = ("val", "test")
-
-
-class ComputeMetric(Metric):
-    """Sums of `accounting.tally` over batches and ranks; `compute` gives the ComputeReport."""
-
-    full_state_update = False
-
-    def __init__(self, config: TSAConfig) -> None:
-        super().__init__()
-        self.config = config
-        for name in ("keep_sum", "halt_count", "tokens", "flops", "dense_flops"):
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state(
-            "executed_per_layer", torch.zeros(config.n_layer, dtype=torch.float64), dist_reduce_fx="sum"
-        )
-
-    def update(self, routing: Routing, valid: Tensor | None = None) -> None:
-        """`valid` (B, T): real positions; padding enters no count."""
-        for name, value in tally(self.config, routing, valid).items():
-            setattr(self, name, getattr(self, name) + value.to(self.device))
-
-    def compute(self) -> ComputeReport:
-        names = ("keep_sum", "halt_count", "tokens", "flops", "dense_flops", "executed_per_layer")
-        return summarize(self.config, {name: getattr(self, name) for name in names})
-
-
-class HaltQuantile(Metric):
-    """A quantile of the routers' p over a whole split and all ranks, read exactly from a sample of p.
-
-    Every batch contributes the same share of its values, set by the first batch so that it gives
-    at most `per_batch` (a short last batch weighs no more than its size). The k-th batch of a split
-    is sampled with seed k: validation never shifts the run's random stream, a resumed run samples
-    alike, and a stride would alias with the blocks or positions. (A seed, not a held
-    `torch.Generator`: a generator cannot travel to `ddp_spawn`'s processes.)
-    """
-
-    full_state_update = False
-
-    def __init__(self, q: float, per_batch: int = 16384) -> None:
-        super().__init__()
-        self.q, self.per_batch = q, per_batch
-        self.share: float | None = None
-        self.batches = 0
-        self.add_state("values", default=[], dist_reduce_fx="cat")
-
-    def reset(self) -> None:
-        super().reset()
-        self.share, self.batches = None, 0
-
-    def update(self, halt_probs: Tensor, valid: Tensor) -> None:
-        """`valid` (B, T): real positions; padding enters no count."""
-        values = halt_probs[valid].flatten().float()
-        if self.share is None:
-            self.share = min(1.0, self.per_batch / max(1, values.numel()))
-        count = round(self.share * values.numel())
-        if count < values.numel():
-            generator = torch.Generator().manual_seed(self.batches)
-            chosen = torch.randperm(values.numel(), generator=generator)[:count]
-            values = values[chosen.to(values.device)]
-        self.batches += 1
-        self.values.append(values)
-
-    def compute(self) -> Tensor:
-        """The p at or below which a share q of the sampled p lie."""
-        return order_statistic(dim_zero_cat(self.values).cpu(), self.q)
-
-
-class Nats(MeanMetric):
-    """Mean loss in nats per target, weighted by target count so every target counts once."""
-
-    def update(self, loss: Tensor, targets: Tensor) -> None:
-        super().update(loss.detach(), weight=(targets != IGNORE_INDEX).sum())
-
-
-class Bits(Nats):
-    """Mean loss in bits per target: bits per character (or per byte), the corpus literature's unit."""
-
-    def compute(self) -> Tensor:
-        return super().compute() / math.log(2)
-
-
-class Perplexity(Nats):
-    def compute(self) -> Tensor:
-        return torch.exp(super().compute())
 
 
 class TSALanguageModel(L.LightningModule):
@@ -423,38 +340,6 @@ class TSALanguageModel(L.LightningModule):
         mode = mode or self.model.trained_mode
         out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode, compile)
         return self.codec.decode(out[0][len(idx) :])
-
-
-def order_statistic(values: Tensor, q: float) -> Tensor:
-    """The value at or below which a share q of `values` lie: one of them, never an interpolation,
-    so a threshold set here splits the values exactly, however many there are."""
-    return torch.kthvalue(values.flatten(), max(1, round(q * values.numel()))).values
-
-
-def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
-    """`threshold` moved a share of the way to `target` in log-odds, where p's drift into the
-    sigmoid's tails is a steady walk, not a vanishing one."""
-    odds = [torch.logit(t.double(), eps=1e-12) for t in (threshold, target)]
-    return torch.sigmoid(odds[0].lerp(odds[1], share))
-
-
-def check_budget(model: TSATransformer, budget: float, momentum: float, depth_loss_weight: float) -> None:
-    if not model.steerable:
-        raise ValueError(
-            f"compute_budget steers TSA routers; routing {model.config.routing!r} sets its depth otherwise "
-            "(early exit: skip_threshold; Mixture-of-Depths: mod_capacity)"
-        )
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
-    if model.config.gate != "straight_through":
-        raise ValueError(
-            "compute_budget needs gate: straight_through (a soft gate never skips in training, so the "
-            "budget would steer nothing); set --model.config.gate=straight_through"
-        )
-    if not 0.0 < momentum <= 1.0:
-        raise ValueError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
-    if depth_loss_weight:
-        raise ValueError("give compute_budget or depth_loss_weight, not both: the budget sets the depth term")
 
 
 def load_dense_trunk(path: str, config: TSAConfig) -> TSATransformer:

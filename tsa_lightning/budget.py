@@ -1,0 +1,88 @@
+"""Holding a straight-through TSA model to a compute budget: the share of routed token-blocks it runs.
+
+Training's threshold follows the budget-quantile of p batch by batch (`toward`, `order_statistic`);
+validation calibrates the threshold that evaluation and sampling use on the whole split
+(`HaltQuantile`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from tsa_lightning.model import TSATransformer
+
+
+class HaltQuantile(Metric):
+    """A quantile of the routers' p over a whole split and all ranks, read exactly from a sample of p.
+
+    Every batch contributes the same share of its values, set by the first batch so that it gives
+    at most `per_batch` (a short last batch weighs no more than its size). The k-th batch of a split
+    is sampled with seed k: validation never shifts the run's random stream, a resumed run samples
+    alike, and a stride would alias with the blocks or positions. (A seed, not a held
+    `torch.Generator`: a generator cannot travel to `ddp_spawn`'s processes.)
+    """
+
+    full_state_update = False
+
+    def __init__(self, q: float, per_batch: int = 16384) -> None:
+        super().__init__()
+        self.q, self.per_batch = q, per_batch
+        self.share: float | None = None
+        self.batches = 0
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def reset(self) -> None:
+        super().reset()
+        self.share, self.batches = None, 0
+
+    def update(self, halt_probs: Tensor, valid: Tensor) -> None:
+        """`valid` (B, T): real positions; padding enters no count."""
+        values = halt_probs[valid].flatten().float()
+        if self.share is None:
+            self.share = min(1.0, self.per_batch / max(1, values.numel()))
+        count = round(self.share * values.numel())
+        if count < values.numel():
+            generator = torch.Generator().manual_seed(self.batches)
+            chosen = torch.randperm(values.numel(), generator=generator)[:count]
+            values = values[chosen.to(values.device)]
+        self.batches += 1
+        self.values.append(values)
+
+    def compute(self) -> Tensor:
+        """The p at or below which a share q of the sampled p lie."""
+        return order_statistic(dim_zero_cat(self.values).cpu(), self.q)
+
+
+def order_statistic(values: Tensor, q: float) -> Tensor:
+    """The value at or below which a share q of `values` lie: one of them, never an interpolation,
+    so a threshold set here splits the values exactly, however many there are."""
+    return torch.kthvalue(values.flatten(), max(1, round(q * values.numel()))).values
+
+
+def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
+    """`threshold` moved a share of the way to `target` in log-odds, where p's drift into the
+    sigmoid's tails is a steady walk, not a vanishing one."""
+    odds = [torch.logit(t.double(), eps=1e-12) for t in (threshold, target)]
+    return torch.sigmoid(odds[0].lerp(odds[1], share))
+
+
+def check_budget(model: TSATransformer, budget: float, momentum: float, depth_loss_weight: float) -> None:
+    if not model.steerable:
+        raise ValueError(
+            f"compute_budget steers TSA routers; routing {model.config.routing!r} sets its depth otherwise "
+            "(early exit: skip_threshold; Mixture-of-Depths: mod_capacity)"
+        )
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
+    if model.config.gate != "straight_through":
+        raise ValueError(
+            "compute_budget needs gate: straight_through (a soft gate never skips in training, so the "
+            "budget would steer nothing); set --model.config.gate=straight_through"
+        )
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
+    if depth_loss_weight:
+        raise ValueError("give compute_budget or depth_loss_weight, not both: the budget sets the depth term")
