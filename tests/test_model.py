@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from tsa_lightning import TSAConfig, TSATransformer
-from tsa_lightning import model as model_module
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, report
 
 TINY = dict(vocab_size=11, block_size=16, n_layer=4, n_head=2, n_embd=16)
@@ -224,13 +223,14 @@ def test_bad_forward_inputs():
         model(tokens(T=17))
 
 
-def test_hard_mode_does_no_work_for_skipped_tokens(monkeypatch):
+def test_hard_mode_does_no_work_for_skipped_tokens():
     """Count the rows each block's query, FFN and output projection see: exactly the kept tokens.
 
-    (When gathering: a full sequence with most tokens kept runs the block for all, RUN_FOR_ALL_ABOVE.)
+    (Gathering always: a full sequence with most tokens kept would run the block for all.)
     """
-    monkeypatch.setattr(model_module, "RUN_FOR_ALL_ABOVE", 1.0)
     model = make()
+    for block in model.blocks:
+        block.run_for_all_above = 1.0
     spread_routers(model)
     rows: dict[str, int] = {}
 

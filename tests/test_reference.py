@@ -28,7 +28,6 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from tsa_lightning import model as model_module
 from tsa_lightning.baselines import build_model
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import Block, TSAConfig
@@ -269,7 +268,7 @@ def test_soft_forward_is_the_papers_equations(routing):
 
 
 def test_hard_and_straight_through_forwards_match_the_reference_on_both_block_paths(monkeypatch):
-    """Hard mode through the run-for-all path and the gathered path (RUN_FOR_ALL_ABOVE 0 and 1), and the
+    """Hard mode through the run-for-all path and the gathered path (run_for_all_above 0 and 1), and the
     straight-through gate's training forward, all equal one reference of (H)."""
     model = make()
     idx = tokens()
@@ -285,7 +284,8 @@ def test_hard_and_straight_through_forwards_match_the_reference_on_both_block_pa
     update = Block.update
     monkeypatch.setattr(Block, "update", lambda self, *a: calls.append(1) or update(self, *a))
     for run_for_all_above, updates in ((1.0, 1), (0.0, SHAPE["n_layer"])):  # gathered, then run for all
-        monkeypatch.setattr(model_module, "RUN_FOR_ALL_ABOVE", run_for_all_above)
+        for block in model.blocks:
+            block.run_for_all_above = run_for_all_above
         calls.clear()
         logits, _, routing = model(idx, mode="hard", threshold=t)
         assert len(calls) == updates  # the stem, plus each routed block on the run-for-all path
@@ -310,7 +310,8 @@ def test_a_token_whose_p_equals_the_threshold_runs_and_one_above_skips(monkeypat
         assert (halts[..., l] == t).any() and (halts[..., l] > t).any() and (halts[..., l] < t).any()
     assert torch.equal(run[..., 1:], halts <= t)
     for run_for_all_above in (1.0, 0.0):
-        monkeypatch.setattr(model_module, "RUN_FOR_ALL_ABOVE", run_for_all_above)
+        for block in model.blocks:
+            block.run_for_all_above = run_for_all_above
         logits, _, routing = model(idx, mode="hard", threshold=t)
         assert torch.equal(routing.halt_probs == t, halts == t)  # the ties are the model's too
         assert routing.executed[..., 1:][halts == t].all()  # p == t runs

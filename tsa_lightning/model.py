@@ -210,16 +210,16 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
-# A full sequence whose kept share in a block is above this runs the block for every token and
-# drops the skipped updates: packing the kept queries and masking attention cost more than the
-# rows they save (benchmarks/speed.py, 6 x 64 at 75% kept: 0.99x the dense forward run for all,
-# 0.72x gathered). Decoding steps (one position) always gather: there it was the faster way at
-# 20-60% skip (batch 8).
-RUN_FOR_ALL_ABOVE = 0.5
-
-
 class Block(nn.Module):
-    """A standard pre-norm block; TSA only rescales its residual updates."""
+    """A standard pre-norm block; TSA only rescales its residual updates.
+
+    `run_for_all_above`: a full sequence whose kept share is above it runs the block for every token
+    and drops the skipped updates, because packing the kept queries and masking attention cost more
+    than the rows they save when most tokens run (docs/speed.md). Decoding steps (one position)
+    always gather. 1.0 gathers always, 0.0 never; the result is the same either way.
+    """
+
+    run_for_all_above: float = 0.5
 
     def __init__(self, config: TSAConfig) -> None:
         super().__init__()
@@ -236,8 +236,7 @@ class Block(nn.Module):
 
         Dense when every token runs; nothing when none does (but a KV cache still receives their
         keys and values). When some do: gather, compute, scatter - unless most of a full sequence
-        runs (`RUN_FOR_ALL_ABOVE`): then the block runs for all and drops the skipped updates, the
-        same result.
+        runs (`run_for_all_above`): then the block runs for all and drops the skipped updates.
         """
         if kept is None or kept.all():
             return self.update(x, keep, input_pos)
@@ -245,7 +244,7 @@ class Block(nn.Module):
             if self.attn.kv_cache is not None:
                 self.attn(self.ln_1(x), kept, input_pos)  # writes keys and values, runs no query
             return x
-        if kept.size(1) > 1 and kept.float().mean() > RUN_FOR_ALL_ABOVE:
+        if kept.size(1) > 1 and kept.float().mean() > self.run_for_all_above:
             return torch.where(kept[..., None], self.update(x, keep, input_pos), x)
         h, w = x[kept], None if keep is None else keep[kept]
         h = h + scale_update(self.dropout(self.attn(self.ln_1(x), kept, input_pos)), w)
