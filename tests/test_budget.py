@@ -1,5 +1,7 @@
 """Compute budgets and retrofitting: asking for an operating point, and starting from a dense model."""
 
+from dataclasses import asdict
+
 import lightning as L
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from tests.conftest import write_corpus
 from tests.test_model import tokens
 from tests.test_robustness import cli_error, fit_on
-from tsa_lightning.budget import HaltQuantile
+from tsa_lightning.budget import BudgetThreshold, HaltQuantile
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import Routing, TSAConfig
 from tsa_lightning.module import TSALanguageModel
@@ -62,7 +64,9 @@ def test_a_budget_drives_the_executed_share_to_it(corpus):
         assert shares.executed[0] == 1.0  # routers start open at p ~ 0.27 < 0.5
         late = sum(shares.executed[-60:]) / 60
         assert abs(late - budget) < 0.05, (budget, late)
-        assert module.config.skip_threshold == pytest.approx(float(module.budget_threshold))
+        assert module.skip_threshold == float(module.budget.running)  # no validation calibrated one
+        assert module.hparams.config == asdict(module.config)  # the network's definition is not state
+        assert module.config.skip_threshold == 0.5
         assert len(set(shares.thresholds)) > 10  # the threshold really moved, step by step
     low, high = (sum(results[b][1].executed[-60:]) / 60 for b in (0.3, 0.8))
     assert low < high
@@ -83,8 +87,8 @@ def test_the_threshold_follows_routers_that_collapse_towards_zero():
     for scale in [*torch.logspace(0, -6, 100), *[1e-6] * 40]:  # p shrinks 10^6-fold, then settles
         halts = torch.rand(8, 32, SHAPE["n_layer"] - 1) * scale
         module.follow_budget(Routing(halts, None))
-    executed = (halts <= module.config.skip_threshold).float().mean()
-    assert 0 < module.config.skip_threshold < 1e-5
+    executed = (halts <= module.skip_threshold).float().mean()
+    assert 0 < module.skip_threshold < 1e-5
     assert abs(executed - 0.7) < 0.05
 
 
@@ -116,25 +120,35 @@ def test_a_short_last_batch_weighs_no_more_than_its_size():
 def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus):
     """Without dropout p sits elsewhere than in training: the validation split sets the threshold."""
     module, _ = train_with_budget(corpus, 0.6, steps=120, validate=True)
-    calibrated = float(module.calibrated_threshold)
-    assert module.config.skip_threshold == pytest.approx(calibrated)
+    calibrated = float(module.budget.calibrated)
+    assert module.skip_threshold == calibrated
     data = TextDataModule(str(corpus), block_size=32, batch_size=8)
     data.setup("validate")
     model = module.model.eval()
     with torch.no_grad():
-        shares = [model(x, mode="hard")[2].executed[..., 1:].float().mean() for x, _ in data.val_dataloader()]
+        shares = [
+            model(x, mode="hard", threshold=calibrated)[2].executed[..., 1:].float().mean()
+            for x, _ in data.val_dataloader()
+        ]
     assert abs(float(torch.stack(shares).mean()) - 0.6) < 0.03
 
 
+def calibrate_at(budget: BudgetThreshold, quantile: float) -> float:
+    """A validation whose p all equal `quantile`."""
+    budget.val_quantile.update(torch.full((1, 8, 1), quantile), torch.ones(1, 8, dtype=torch.bool))
+    return budget.calibrate()
+
+
 def test_validating_again_without_training_refines_the_threshold_half_way():
-    module = attached(TSALanguageModel(ROUTED, compute_budget=0.7))
-    module.calibrate(torch.tensor(0.1))
-    assert module.config.skip_threshold == pytest.approx(0.1)
-    module.calibrate(torch.tensor(0.9))  # logit(0.1) = -logit(0.9): half-way is p = 0.5
-    assert module.config.skip_threshold == pytest.approx(0.5)
-    module.budget_threshold.fill_(0.3)  # after more training, a validation starts afresh
-    module.calibrate(torch.tensor(0.9))
-    assert module.config.skip_threshold == pytest.approx(0.9)
+    module = TSALanguageModel(ROUTED, compute_budget=0.7)
+    assert module.skip_threshold == 0.5  # nothing calibrated yet: training's threshold
+    assert calibrate_at(module.budget, 0.1) == pytest.approx(0.1)
+    assert module.skip_threshold == pytest.approx(0.1)
+    assert calibrate_at(module.budget, 0.9) == pytest.approx(0.5)  # logit(0.1) = -logit(0.9)
+    module.budget.running.fill_(0.3)  # training moved on: evaluation follows it until validation
+    assert module.skip_threshold == pytest.approx(0.3)
+    assert calibrate_at(module.budget, 0.9) == pytest.approx(0.9)  # and a validation starts afresh
+    assert module.skip_threshold == pytest.approx(0.9)
 
 
 def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
@@ -144,11 +158,10 @@ def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
     path = tmp_path / "budget.ckpt"
     trainer.save_checkpoint(path)
     loaded = TSALanguageModel.load_from_checkpoint(path)
-    assert loaded.config.skip_threshold == pytest.approx(float(module.budget_threshold))
-    assert loaded.config.skip_threshold != 0.5
-    module.calibrated_threshold.fill_(0.123)  # once validation has calibrated, that is what evaluation uses
+    assert loaded.skip_threshold == float(module.budget.running) != 0.5
+    assert calibrate_at(module.budget, 0.123) == pytest.approx(0.123)  # what evaluation uses from now on
     trainer.save_checkpoint(path)
-    assert TSALanguageModel.load_from_checkpoint(path).config.skip_threshold == pytest.approx(0.123)
+    assert TSALanguageModel.load_from_checkpoint(path).skip_threshold == pytest.approx(0.123)
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,15 @@
 """Holding a straight-through TSA model to a compute budget: the share of routed token-blocks it runs.
 
-Training's threshold follows the budget-quantile of p batch by batch (`toward`, `order_statistic`);
-validation calibrates the threshold that evaluation and sampling use on the whole split
-(`HaltQuantile`).
+`BudgetThreshold` owns the skip thresholds. Training's follows the budget-quantile of p batch by
+batch; validation calibrates the one that evaluation and sampling use on the whole split.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -86,3 +87,53 @@ def check_budget(model: TSATransformer, budget: float, momentum: float, depth_lo
         raise ValueError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
     if depth_loss_weight:
         raise ValueError("give compute_budget or depth_loss_weight, not both: the budget sets the depth term")
+
+
+class BudgetThreshold(nn.Module):
+    """The skip threshold of a model trained to run a share `budget` of its routed token-blocks.
+
+    Training's threshold is a running statistic, as BatchNorm's mean is: after every step it moves
+    a share `momentum` of the way (in log-odds) to the global batch's budget-quantile of p, so the
+    straight-through gate skips the tokens the routers rank highest. A quantile follows p wherever
+    the task loss drives it (a fixed-rate controller fell behind as p collapsed towards 0, and lost
+    the budget). Validation calibrates the threshold on the whole split in hard mode, since p
+    without dropout need not sit where it did in training; evaluation uses the calibrated one until
+    training moves on. All three are buffers: checkpoints carry them, resumes continue exactly.
+    """
+
+    def __init__(self, budget: float, momentum: float, initial: float) -> None:
+        super().__init__()
+        self.budget, self.momentum = budget, momentum
+        self.register_buffer("running", torch.tensor(initial))
+        self.register_buffer("calibrated", torch.tensor(math.nan))  # none before a validation
+        self.register_buffer("calibrated_from", torch.tensor(math.nan))  # the running one it was made under
+        self.val_quantile = HaltQuantile(budget)
+
+    @property
+    def calibrated_now(self) -> bool:
+        """Calibrated, and no training step since."""
+        return float(self.calibrated_from) == float(self.running)
+
+    @property
+    def threshold(self) -> float:
+        """Evaluation's and sampling's: the calibrated one, unless training has moved on since."""
+        return float(self.calibrated if self.calibrated_now else self.running)
+
+    def follow(self, halt_probs: Tensor) -> None:
+        """One training step: move towards the budget-quantile of the global batch's p."""
+        self.running.copy_(toward(self.running, order_statistic(halt_probs, self.budget), self.momentum))
+
+    def calibrate(self) -> float:
+        """Skip at the validation split's quantile; validating again without training refines it.
+
+        Moving the threshold changes which blocks earlier tokens ran, and so the p that later
+        routers see: a second and third validation of a finished model step half-way (in log-odds)
+        from the last threshold to the new quantile, which settles where the share is the budget.
+        """
+        quantile = self.val_quantile.compute()
+        if self.calibrated_now:
+            quantile = toward(self.calibrated, quantile, 0.5)
+        self.calibrated.fill_(float(quantile))
+        self.calibrated_from.copy_(self.running)
+        self.val_quantile.reset()
+        return float(self.calibrated)

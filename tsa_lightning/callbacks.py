@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
 from tsa_lightning.inference import generate_cached
-from tsa_lightning.model import Routing, TSAConfig
+from tsa_lightning.model import TSAConfig
 
 
 def _tensorboard(trainer: L.Trainer):
@@ -177,7 +177,7 @@ def blocks_run(pl_module, tokens: Tensor) -> list[int]:
     depths = []
     with _evaluating(pl_module):
         for window in tokens.split(pl_module.config.block_size):
-            routing: Routing = pl_module.model(window[None], mode="hard")[2]
+            _, _, routing = pl_module.model(window[None], mode="hard", threshold=pl_module.skip_threshold)
             depths += routing.executed[0].sum(-1).tolist()
     return depths
 
@@ -215,11 +215,13 @@ class DepthMap(L.Callback):
         if writer is None or trainer.sanity_checking or snippet is None:
             return
         glyphs = [visible(pl_module.codec.decode([token])) for token in snippet.tolist()]
-        figure = self.render(glyphs, blocks_run(pl_module, snippet), pl_module.config)
+        figure = self.render(
+            glyphs, blocks_run(pl_module, snippet), pl_module.config, pl_module.skip_threshold
+        )
         writer.add_figure("depth_map/val", figure, global_step=trainer.global_step)
         plt.close(figure)
 
-    def render(self, glyphs: list[str], depths: list[int], config: TSAConfig):
+    def render(self, glyphs: list[str], depths: list[int], config: TSAConfig, threshold: float):
         rows = (len(depths) + self.columns - 1) // self.columns
         cell = 0.14  # inches per character (14 px at TensorBoard's 100 dpi)
         figure, ax = plt.subplots(
@@ -239,7 +241,7 @@ class DepthMap(L.Callback):
         bar = figure.colorbar(mappable, ax=ax, ticks=range(1, config.n_layer + 1), fraction=0.05, pad=0.02)
         bar.set_label("blocks run")
         ax.set_title(
-            f"hard mode, threshold {config.skip_threshold:g}: "
+            f"hard mode, threshold {threshold:g}: "
             f"mean {sum(depths) / len(depths):.2f} of {config.n_layer} blocks run",
             fontsize=9,
         )
@@ -270,12 +272,18 @@ class HardSample(L.Callback):
             return
         with _evaluating(pl_module):
             new = min(self.new_chars, config.block_size - n_prompt)
-            tokens = generate_cached(pl_module.model, [prompt], new, temperature=0, mode="hard")[0]
+            tokens = generate_cached(
+                pl_module.model, [prompt], new, temperature=0, threshold=pl_module.skip_threshold, mode="hard"
+            )[0]
         glyphs = [visible(pl_module.codec.decode([token])) for token in tokens.tolist()]
-        text = self.markdown(glyphs, blocks_run(pl_module, tokens), n_prompt, config)
+        text = self.markdown(
+            glyphs, blocks_run(pl_module, tokens), n_prompt, config, pl_module.skip_threshold
+        )
         writer.add_text("sample/val", text, global_step=trainer.global_step)
 
-    def markdown(self, glyphs: list[str], depths: list[int], n_prompt: int, config: TSAConfig) -> str:
+    def markdown(
+        self, glyphs: list[str], depths: list[int], n_prompt: int, config: TSAConfig, threshold: float
+    ) -> str:
         """The sample in rows of `columns` characters, each row over a row of digits: blocks run."""
         digits = "".join(self.DIGITS[d] if d < len(self.DIGITS) else "+" for d in depths)
         text = "".join(glyphs)
@@ -284,7 +292,7 @@ class HardSample(L.Callback):
             for i in range(0, len(text), self.columns)
         ]
         return (
-            f"**Greedy sample in hard mode** (threshold {config.skip_threshold:g}, mean "
+            f"**Greedy sample in hard mode** (threshold {threshold:g}, mean "
             f"{sum(depths) / len(depths):.2f} of {config.n_layer} blocks run). The first {n_prompt} "
             "characters are the prompt, from the validation text; under each character, the number of "
             "blocks it ran.\n\n" + "\n".join(rows)

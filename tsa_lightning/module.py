@@ -13,7 +13,7 @@ from torchmetrics import MetricCollection
 
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import HaltQuantile, check_budget, order_statistic, toward
+from tsa_lightning.budget import BudgetThreshold, check_budget
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.inference import generate_cached
@@ -36,14 +36,9 @@ class TSALanguageModel(L.LightningModule):
     torch.compile; evaluation and the sparse hard mode stay eager.
 
     Compute budgets (TSA): `compute_budget` is the share of routed token-block operations (blocks
-    1..L-1) that hard mode should run. Training's skip threshold is a running statistic, as
-    BatchNorm's mean is: after every step it moves a share `budget_momentum` of the way (in
-    log-odds) to the batch's budget-quantile of p, so the straight-through gate skips the tokens the
-    routers rank highest. A quantile follows p wherever the task loss drives it (a fixed-rate
-    controller fell behind as p collapsed towards 0, and lost the budget). Evaluation and sampling
-    use the threshold calibrated at the end of each validation: the same quantile over the whole
-    validation split in hard mode, since p without dropout need not sit where it did in training.
-    Both thresholds are buffers: checkpoints carry them, resumes continue exactly.
+    1..L-1) that hard mode should run; `BudgetThreshold` (budget.py) sets the skip threshold that
+    holds it, moving a share `budget_momentum` of the way per step. `skip_threshold` is the one
+    evaluation and sampling use; `config.skip_threshold` is never rewritten.
 
     Retrofitting: `init_from` names a dense checkpoint (routing "none") of the same trunk; training
     starts from its weights with new routers, and `distill_weight` adds the KL divergence from the
@@ -78,11 +73,11 @@ class TSALanguageModel(L.LightningModule):
         self.model = build_model(self.config)
         if compute_budget is not None:
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
-            self.register_buffer("budget_threshold", torch.tensor(self.config.skip_threshold))
-            self.register_buffer("calibrated_threshold", torch.tensor(math.nan))  # none before a validation
-            # the training threshold it was calibrated under: equal to today's, no training since
-            self.register_buffer("calibrated_from", torch.tensor(math.nan))
-            self.val_quantile = HaltQuantile(compute_budget)
+        self.budget = (
+            None
+            if compute_budget is None
+            else BudgetThreshold(compute_budget, budget_momentum, self.config.skip_threshold)
+        )
         if distill_weight and init_from is None:
             raise ValueError("distill_weight needs init_from: the dense checkpoint to distil from")
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
@@ -115,13 +110,13 @@ class TSALanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
-        threshold = self.train_threshold  # this step's: follow_budget moves it after the forward
+        threshold = self.train_threshold  # this step's: the budget moves it after the forward
         logits, loss, routing = self.train_forward(x, y, threshold=threshold)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
         keep = self.model.depth_term(routing)
         if keep is not None:
             total = total + self.hparams.depth_loss_weight * keep
-        if self.hparams.compute_budget is not None:
+        if self.budget is not None:
             executed = self.follow_budget(routing)
             self.log_dict(
                 {
@@ -160,25 +155,26 @@ class TSALanguageModel(L.LightningModule):
     @property
     def train_threshold(self) -> float:
         """The straight-through gate's threshold: the budget's running one, else the configured one."""
-        budgeted = self.hparams.compute_budget is not None
-        return float(self.budget_threshold) if budgeted else self.config.skip_threshold
+        return float(self.budget.running) if self.budget is not None else self.config.skip_threshold
+
+    @property
+    def skip_threshold(self) -> float:
+        """Hard mode's threshold in evaluation and sampling: the budget's, else the configured one."""
+        return self.budget.threshold if self.budget is not None else self.config.skip_threshold
 
     def follow_budget(self, routing: Routing) -> Tensor:
-        """Move the threshold towards the batch's budget-quantile of p; returns the share this batch ran."""
-        budget = self.hparams.compute_budget
+        """Move the threshold towards the global batch's budget-quantile of p; returns the share this
+        batch ran. One threshold on every rank: the quantile of the p of the whole global batch."""
         executed = self.model.executed_share(routing, self.train_threshold).detach()
         executed = self.trainer.strategy.reduce(executed, reduce_op="mean")
-        # one threshold on every rank: the quantile of the p of the whole global batch
-        quantile = order_statistic(self.all_gather(routing.halt_probs.detach()), budget)
-        self.budget_threshold.copy_(toward(self.budget_threshold, quantile, self.hparams.budget_momentum))
-        self.config.skip_threshold = float(self.budget_threshold)  # validation during fit skips here too
+        self.budget.follow(self.all_gather(routing.halt_probs.detach()))
         return executed
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Routing]:
         x, y = batch
         losses, routings = {}, {}
         for mode in self.modes:
-            _, losses[mode], routings[mode] = self.model(x, y, mode=mode)
+            _, losses[mode], routings[mode] = self.model(x, y, mode=mode, threshold=self.skip_threshold)
         for mode in MODES:
             loss = losses.get(mode, losses.get("soft"))  # the dense twin's hard mode is its soft mode
             if loss is None:
@@ -188,8 +184,8 @@ class TSALanguageModel(L.LightningModule):
             for name, metric in metrics.items():
                 self.log(name, metric, prog_bar=name.endswith("/bpc"))
         routings.setdefault("hard", routings.get("soft"))
-        if stage == "val" and self.hparams.compute_budget is not None:
-            self.val_quantile.update(routings["hard"].halt_probs, y != IGNORE_INDEX)
+        if stage == "val" and self.budget is not None:
+            self.budget.val_quantile.update(routings["hard"].halt_probs, y != IGNORE_INDEX)
         # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
         soft = routings.get("soft", routings["hard"])
         self.eval_compute[stage].update(
@@ -205,32 +201,19 @@ class TSALanguageModel(L.LightningModule):
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Hard mode on held-out windows: the greedy next token and how many blocks each token ran."""
-        logits, _, routing = self.model(batch[0], mode="hard")
+        logits, _, routing = self.model(batch[0], mode="hard", threshold=self.skip_threshold)
         return {"next_token": logits.argmax(dim=-1), "blocks_run": routing.executed.sum(dim=-1)}
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
-        if self.hparams.compute_budget is not None:
-            if not self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
-                self.calibrate(self.val_quantile.compute())
-                self.log("val/calibrated_threshold", self.calibrated_threshold)
-            self.val_quantile.reset()
+        if self.budget is not None:
+            if self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
+                self.budget.val_quantile.reset()
+            else:
+                self.log("val/calibrated_threshold", self.budget.calibrate())
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
-
-    def calibrate(self, quantile: Tensor) -> None:
-        """Skip at the validation split's quantile; validating again without training refines it.
-
-        Moving the threshold changes which blocks earlier tokens ran, and so the p that later
-        routers see: a second and third validation of a finished model step half-way (in log-odds)
-        from the last threshold to the new quantile, which settles where the share is the budget.
-        """
-        if float(self.calibrated_from) == float(self.budget_threshold):
-            quantile = toward(self.calibrated_threshold, quantile, 0.5)
-        self.calibrated_threshold.fill_(float(quantile))
-        self.calibrated_from.copy_(self.budget_threshold)
-        self.config.skip_threshold = float(self.calibrated_threshold)
 
     def _log_evaluation(self, stage: str) -> None:
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
@@ -256,23 +239,11 @@ class TSALanguageModel(L.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, in one line, a checkpoint whose network differs from the one configured.
-
-        A budgeted model skips at the threshold calibrated on validation, else at training's.
-        """
-        state = checkpoint["state_dict"]
-        if "budget_threshold" in state:
-            if self.hparams.compute_budget is None:
-                raise ValueError(
-                    "the checkpoint was trained with a compute budget; give the run's compute_budget "
-                    "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
-                )
-            state.pop("calibrated_at", None)  # an earlier form of calibrated_from
-            for name in ("calibrated_threshold", "calibrated_from"):  # none before validation calibrated
-                state.setdefault(name, torch.tensor(math.nan))
-            calibrated = float(state["calibrated_threshold"])
-            self.config.skip_threshold = (
-                float(state["budget_threshold"]) if math.isnan(calibrated) else calibrated
+        """Refuse, in one line, a checkpoint whose network differs from the one configured."""
+        if "budget.running" in checkpoint["state_dict"] and self.budget is None:
+            raise ValueError(
+                "the checkpoint was trained with a compute budget; give the run's compute_budget "
+                "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
             )
         different = Codec(checkpoint["hyper_parameters"].get("alphabet")).difference(
             self.codec, ("the checkpoint", "the data")
@@ -338,6 +309,7 @@ class TSALanguageModel(L.LightningModule):
         """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for."""
         idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
         mode = mode or self.model.trained_mode
+        threshold = self.skip_threshold if threshold is None else threshold
         out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode, compile)
         return self.codec.decode(out[0][len(idx) :])
 
