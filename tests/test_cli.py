@@ -300,3 +300,16 @@ def test_sample_refuses_bad_arguments_in_one_line(trained_run, flag, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", f"--ckpt_path={ckpt}", flag])
     assert str(exit_info.value.code).startswith(f"error: {message}")
+
+
+def test_the_python_api_raises_typed_errors(trained_run, tmp_path):
+    from tsa_lightning.cli import load_checkpoint
+    from tsa_lightning.errors import ConfigError, RunError, TSAError
+
+    ckpt = str(trained_run / "runs/cpu/checkpoints/last.ckpt")
+    with pytest.raises(ConfigError, match="--temperature must be >= 0"):
+        sample(ckpt, temperature=-1)
+    with pytest.raises(RunError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.ckpt"))
+    assert issubclass(ConfigError, ValueError) and issubclass(RunError, TSAError)
+    assert load_checkpoint(ckpt).config.n_layer > 0

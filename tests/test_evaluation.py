@@ -13,6 +13,7 @@ from tsa_lightning.accounting import summarize, tally
 from tsa_lightning.baselines import build_model
 from tsa_lightning.cli import evaluate
 from tsa_lightning.data import IGNORE_INDEX, TextDataModule
+from tsa_lightning.errors import ConfigError, RunError
 from tsa_lightning.evaluation import sweep
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
@@ -75,7 +76,7 @@ def test_evaluate_writes_every_field_and_is_monotone(tmp_path, small_corpus, rou
     if routing != "none":
         assert executed[0] < 1.0
     assert result["points"] == points
-    with pytest.raises(SystemExit, match="exists"):  # never overwrite an earlier evaluation
+    with pytest.raises(RunError, match="exists"):  # never overwrite an earlier evaluation
         evaluate(ckpt, data, split="val", out_dir=str(out), limit_batches=3)
 
 
@@ -142,21 +143,21 @@ def test_evaluate_checks_its_arguments_and_outputs_before_any_work(tmp_path, sma
         ({"thresholds": [0.5, 2.0]}, "--thresholds must be in [0, 1.01]"),
         ({"split": "train"}, "--split must be 'val' or 'test'"),
     ]:
-        with pytest.raises(SystemExit, match=re.escape(message)):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             evaluate(ckpt, data, out_dir=str(tmp_path / "eval"), **kwargs)
     (tmp_path / "eval" / "tensorboard" / "tsa").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="tensorboard/tsa exists"):
+    with pytest.raises(RunError, match="tensorboard/tsa exists"):
         evaluate(ckpt, data, out_dir=str(tmp_path / "eval"))
     other = TextDataModule(str(write_corpus(tmp_path / "other.txt", alphabet="xyz\n")), block_size=16)
     expected = (
         "the checkpoint: 10 characters, the data: 4 characters; only the checkpoint has ' abcdefgh'; "
         "only the data has 'xyz'"
     )
-    with pytest.raises(SystemExit, match=re.escape(expected)):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         evaluate(ckpt, other, out_dir=str(tmp_path / "eval2"))
     assert not (tmp_path / "eval2").exists()
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(SystemExit, match="a_file is a file; give a folder"):
+    with pytest.raises(RunError, match="a_file is a file; give a folder"):
         evaluate(ckpt, data, out_dir=str(tmp_path / "a_file"))
 
 

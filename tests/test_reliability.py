@@ -20,10 +20,11 @@ from tsa_lightning import runs
 from tsa_lightning.baselines import build_model
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
+from tsa_lightning.errors import RunError
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import Router, TSAConfig
 from tsa_lightning.module import TSALanguageModel
-from tsa_lightning.runs import AtomicCheckpointIO, RunError, RunLock, read_checkpoint
+from tsa_lightning.runs import AtomicCheckpointIO, RunLock, read_checkpoint
 
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tests.conftest import REPO, write_corpus
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
+from tsa_lightning.errors import TrainingDiverged
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
@@ -155,8 +156,19 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(small
         limit_val_batches=0,
         callbacks=[checkpoints, PoisonAt(step=5)],
     )
-    with pytest.raises(FloatingPointError, match="training loss became nan at step 5"):
+    with pytest.raises(TrainingDiverged, match="training loss became nan at step 5"):
         trainer.fit(model, data)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_a_bug_keeps_its_traceback(small_corpus, tmp_path, monkeypatch):
+    """Only the package's own errors (and options jsonargparse refused) become one line."""
+
+    def broken(*args, **kwargs):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(TextDataModule, "setup", broken)
+    with pytest.raises(KeyError, match="an internal bug"):
+        main([*fit_on(small_corpus, tmp_path), "--trainer.enable_progress_bar=false"])

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from tsa_lightning.errors import ConfigError
 from tsa_lightning.model import TSATransformer
 
 
@@ -72,21 +73,23 @@ def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
 
 def check_budget(model: TSATransformer, budget: float, momentum: float, depth_loss_weight: float) -> None:
     if not model.steerable:
-        raise ValueError(
+        raise ConfigError(
             f"compute_budget steers TSA routers; routing {model.config.routing!r} sets its depth otherwise "
             "(early exit: skip_threshold; Mixture-of-Depths: mod_capacity)"
         )
     if not 0.0 < budget <= 1.0:
-        raise ValueError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
+        raise ConfigError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
     if model.config.gate != "straight_through":
-        raise ValueError(
+        raise ConfigError(
             "compute_budget needs gate: straight_through (a soft gate never skips in training, so the "
             "budget would steer nothing); set --model.config.gate=straight_through"
         )
     if not 0.0 < momentum <= 1.0:
-        raise ValueError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
+        raise ConfigError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
     if depth_loss_weight:
-        raise ValueError("give compute_budget or depth_loss_weight, not both: the budget sets the depth term")
+        raise ConfigError(
+            "give compute_budget or depth_loss_weight, not both: the budget sets the depth term"
+        )
 
 
 class BudgetThreshold(nn.Module):

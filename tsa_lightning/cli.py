@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from argparse import ArgumentError
 from dataclasses import fields
 from pathlib import Path
@@ -28,8 +29,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.callbacks import Dashboard, DepthMap, HaltingHistograms, HardSample, PredictionWriter
-from tsa_lightning.corpus import Codec, CorpusError
+from tsa_lightning.corpus import Codec
 from tsa_lightning.data import TextDataModule
+from tsa_lightning.errors import ConfigError, RunError, TSAError
 from tsa_lightning.evaluation import (
     DEFAULT_THRESHOLDS,
     MAX_THRESHOLD,
@@ -46,7 +48,6 @@ from tsa_lightning.runs import (
     AtomicCheckpointIO,
     GracefulStop,
     LastCheckpoint,
-    RunError,
     RunLock,
     describe_os_error,
     is_launching_process,
@@ -293,7 +294,7 @@ def normalized(value):
 def load_checkpoint(ckpt_path: str | None) -> TSALanguageModel:
     """The module saved by `fit`, on the CPU; refused in one line when unusable or older than model.config."""
     if ckpt_path is None:
-        raise SystemExit("error: --ckpt_path is required: the .ckpt file written by `fit`")
+        raise ConfigError("--ckpt_path is required: the .ckpt file written by `fit`")
     read_checkpoint(ckpt_path)  # one line for a missing, cut-short or foreign file
     return TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
 
@@ -301,15 +302,15 @@ def load_checkpoint(ckpt_path: str | None) -> TSALanguageModel:
 def check_range(name: str, value: float | None, low: float, high: float = math.inf) -> None:
     if value is not None and not low <= value <= high:
         bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise SystemExit(f"error: --{name} must be {bounds}, got {value}")
+        raise ConfigError(f"--{name} must be {bounds}, got {value}")
 
 
 def same_vocabulary(module: TSALanguageModel, data: TextDataModule) -> None:
     """A model scores only the symbols it was trained on."""
     different = module.codec.difference(Codec(data.alphabet), ("the checkpoint", "the data"))
     if different:
-        raise SystemExit(
-            f"error: the checkpoint's vocabulary differs from the data's ({different}); evaluate a "
+        raise ConfigError(
+            f"the checkpoint's vocabulary differs from the data's ({different}); evaluate a "
             "checkpoint on the corpus it was trained on"
         )
 
@@ -380,19 +381,19 @@ def evaluate(
         precision: Lightning precision for the sweep (e.g. "bf16-mixed"; default full precision).
     """
     if split not in ("val", "test"):
-        raise SystemExit(f"error: --split must be 'val' or 'test', got {split!r}")
+        raise ConfigError(f"--split must be 'val' or 'test', got {split!r}")
     check_range("limit_batches", limit_batches, 1)
     thresholds = thresholds or DEFAULT_THRESHOLDS
     for threshold in thresholds:
         check_range("thresholds", threshold, 0, MAX_THRESHOLD)
     if data is None:
-        raise SystemExit("error: --data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
+        raise ConfigError("--data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
     name = name or Path(str(ckpt_path)).stem
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise SystemExit(f"error: --out_dir {out_dir} is a file; give a folder for the sweep's outputs")
+        raise RunError(f"--out_dir {out_dir} is a file; give a folder for the sweep's outputs")
     for path in output_paths(Path(out_dir), name):
         if path.exists():
-            raise SystemExit(f"error: {path} exists; choose another --out_dir or --name")
+            raise RunError(f"{path} exists; choose another --out_dir or --name")
     module = load_checkpoint(ckpt_path)
     same_vocabulary(module, data)
     trainer = L.Trainer(
@@ -459,6 +460,23 @@ def explained(message: str) -> str:
     return " ".join((head + "; ".join(r for r in reasons if "NoneType" not in r)).split())
 
 
+def is_usage_error(e: BaseException) -> bool:
+    """The package's own errors, a file-system fault, or an option jsonargparse refused while
+    building the classes; any other exception is a bug and keeps its traceback."""
+    if isinstance(e, ArgumentError | TSAError | OSError):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and "jsonargparse" in frames[-1].filename
+
+
+def one_line(e: BaseException, command: str) -> str:
+    if isinstance(e, ArgumentError):  # an unknown key or a wrong type, from the command line or a file
+        return f"{explained(str(e))} (see `tsa-lightning {command} --help` for the options)"
+    if isinstance(e, OSError) and not isinstance(e, TSAError):  # a full disk, a read-only folder
+        return describe_os_error(e)
+    return explained(str(e))
+
+
 def main(args: list[str] | None = None) -> None:
     """Bad input ends in one line that says what to fix; TSA_TRACEBACK=1 shows the traceback instead."""
     argv = sys.argv[1:] if args is None else args
@@ -482,19 +500,10 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException as e:  # stopped by a signal, with a resumable checkpoint
         print(*getattr(e, "__notes__", []), file=sys.stderr)
         sys.exit(e.code)
-    except ArgumentError as e:  # an unknown key or a wrong type, from the command line or a config file
-        if os.environ.get("TSA_TRACEBACK"):
+    except (ArgumentError, TSAError, OSError, ValueError) as e:
+        if os.environ.get("TSA_TRACEBACK") or not is_usage_error(e):
             raise
-        command = argv[0] if argv else "fit"
-        sys.exit(f"error: {explained(str(e))} (see `tsa-lightning {command} --help` for the options)")
-    except (CorpusError, RunError, ValueError, FloatingPointError) as e:
-        if os.environ.get("TSA_TRACEBACK"):
-            raise
-        sys.exit(f"error: {explained(str(e))}")
-    except OSError as e:  # a full disk, a read-only folder, a folder where a file should be
-        if os.environ.get("TSA_TRACEBACK"):
-            raise
-        sys.exit(f"error: {describe_os_error(e)}")
+        sys.exit(f"error: {one_line(e, argv[0] if argv else 'fit')}")
     finally:
         RunLock.release_all()
 

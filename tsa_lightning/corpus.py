@@ -21,15 +21,13 @@ import numpy as np
 import torch
 from torch.hub import download_url_to_file
 
+from tsa_lightning.errors import ConfigError, CorpusError
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_ALPHABET = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"  # of the 10^8 bytes
-
-
-class CorpusError(RuntimeError):
-    """A corpus is missing, corrupt or unusable; the message says how to fix it."""
 
 
 def data_root(data_dir: str | None = None) -> Path:
@@ -61,7 +59,7 @@ class Codec:
         index = {c: i for i, c in enumerate(self.alphabet)}
         unknown = sorted(set(text) - index.keys())
         if unknown:
-            raise ValueError(f"characters {''.join(unknown)!r} are not in the corpus alphabet")
+            raise ConfigError(f"characters {''.join(unknown)!r} are not in the corpus alphabet")
         return [index[c] for c in text]
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:

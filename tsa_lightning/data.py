@@ -28,9 +28,9 @@ from tsa_lightning.corpus import (
     SHAKESPEARE_URL,
     Codec,
     Corpus,
-    CorpusError,
     data_root,
 )
+from tsa_lightning.errors import ConfigError, CorpusError
 
 IGNORE_INDEX = -100  # targets past the end of a split; cross_entropy skips them
 
@@ -175,16 +175,16 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if level not in ("byte", "char"):
-            raise ValueError(f"level must be 'byte' or 'char', got {level!r}")
+            raise ConfigError(f"level must be 'byte' or 'char', got {level!r}")
         if level == "byte" and alphabet is not None:
-            raise ValueError("alphabet applies to level='char' only; byte-level corpora use all 256 bytes")
+            raise ConfigError("alphabet applies to level='char' only; byte-level corpora use all 256 bytes")
         if len(split) != 3 or any(f < 0 for f in split) or not math.isclose(sum(split), 1.0) or split[0] == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"split must be three non-negative fractions summing to 1 with train > 0, got {split}"
             )
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("max_bytes", max_bytes)):
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
         self.corpus = Corpus(Path(path), level, alphabet, max_bytes, sha256, url)
         self.block_size, self.batch_size, self.split = block_size, batch_size, tuple(split)
         self.samples_per_epoch, self.seed, self.num_workers = samples_per_epoch, seed, num_workers

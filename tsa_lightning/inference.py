@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tsa_lightning.errors import ConfigError
 from tsa_lightning.model import Mode, TSATransformer, sample_next
 
 
@@ -37,7 +38,7 @@ def generate_cached(
     model.eval()
     forward = torch.compile(model, dynamic=True) if compile else model
     if min(len(p) for p in prompts) < 1:
-        raise ValueError("every prompt needs at least one token")
+        raise ConfigError("every prompt needs at least one token")
     device = model.wte.weight.device
     window = model.config.block_size
     T0 = max(len(p) for p in prompts)

@@ -21,6 +21,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
+from tsa_lightning.errors import ConfigError
+
 Mode = Literal["soft", "hard"]
 
 
@@ -61,25 +63,25 @@ class TSAConfig:
         for name, kind in get_type_hints(TSAConfig).items():  # the choices are the annotations' own
             value = getattr(self, name)
             if get_origin(kind) is Literal and value not in get_args(kind):
-                raise ValueError(f"TSAConfig.{name} must be one of {get_args(kind)}, got {value!r}")
+                raise ConfigError(f"TSAConfig.{name} must be one of {get_args(kind)}, got {value!r}")
             if kind in (int, int | None) and (
                 not isinstance(value, int) or isinstance(value, bool) or value <= 0
             ):
-                raise ValueError(f"TSAConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"TSAConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise ConfigError(
                 f"TSAConfig.n_embd ({self.n_embd}) must be divisible by TSAConfig.n_head ({self.n_head})"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TSAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"TSAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.skip_threshold <= 1.0:
-            raise ValueError(f"TSAConfig.skip_threshold must be in [0, 1], got {self.skip_threshold!r}")
+            raise ConfigError(f"TSAConfig.skip_threshold must be in [0, 1], got {self.skip_threshold!r}")
         if self.routing != "none" and self.n_layer < 2:
-            raise ValueError(f"TSAConfig.n_layer must be at least 2 when routing blocks, got {self.n_layer}")
+            raise ConfigError(f"TSAConfig.n_layer must be at least 2 when routing blocks, got {self.n_layer}")
         if not 0.0 < self.mod_capacity <= 1.0:
-            raise ValueError(f"TSAConfig.mod_capacity must be in (0, 1], got {self.mod_capacity!r}")
+            raise ConfigError(f"TSAConfig.mod_capacity must be in (0, 1], got {self.mod_capacity!r}")
         if not math.isfinite(self.router_bias_init):
-            raise ValueError(f"TSAConfig.router_bias_init must be finite, got {self.router_bias_init!r}")
+            raise ConfigError(f"TSAConfig.router_bias_init must be finite, got {self.router_bias_init!r}")
 
     def mismatches(self, other: TSAConfig) -> list[str]:
         """The `shape` fields on which two configs disagree: a checkpoint of one cannot load in the other."""
@@ -332,11 +334,11 @@ class TSATransformer(nn.Module):
         earlier keys and values are cached: the same blocks and routing serve incremental decoding.
         """
         if mode not in ("soft", "hard"):
-            raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+            raise ConfigError(f"mode must be 'soft' or 'hard', got {mode!r}")
         B, T = idx.shape
         start = 0 if input_pos is None else input_pos
         if self.config.block_size < start + T:
-            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
+            raise ConfigError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
         threshold = self.config.skip_threshold if threshold is None else threshold
         x = self.drop(self.wte(idx) + self.wpe(self.positions(start, T, idx.device)))
         x = self.blocks[0](x, input_pos=start)  # the stem: every token runs block 0

@@ -16,6 +16,7 @@ from tsa_lightning.baselines import build_model
 from tsa_lightning.budget import BudgetThreshold, check_budget
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
+from tsa_lightning.errors import ConfigError, TrainingDiverged
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
 from tsa_lightning.model import Mode, Routing, TSAConfig, TSATransformer
@@ -67,7 +68,7 @@ class TSALanguageModel(L.LightningModule):
         config = asdict(self.config)
         self.save_hyperparameters()
         if alphabet is not None and len(alphabet) != self.config.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
             )
         self.model = build_model(self.config)
@@ -79,7 +80,7 @@ class TSALanguageModel(L.LightningModule):
             else BudgetThreshold(compute_budget, budget_momentum, self.config.skip_threshold)
         )
         if distill_weight and init_from is None:
-            raise ValueError("distill_weight needs init_from: the dense checkpoint to distil from")
+            raise ConfigError("distill_weight needs init_from: the dense checkpoint to distil from")
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
         self.codec = Codec(alphabet)
         # one collection per stage and mode, so that Lightning computes, syncs and resets each
@@ -138,7 +139,7 @@ class TSALanguageModel(L.LightningModule):
             executed = self.model.hard_executed(halts, threshold)
             self._log_compute("train", report(self.config, Routing(halts, executed)))
         if not torch.isfinite(total):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"training loss became {total.item()} at step {self.global_step}; stopped before it could "
                 "reach a checkpoint (the last good one is kept). Lower learning_rate, raise warmup_steps or "
                 "set trainer.gradient_clip_val, then resume with --ckpt_path last"
@@ -241,7 +242,7 @@ class TSALanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
         if "budget.running" in checkpoint["state_dict"] and self.budget is None:
-            raise ValueError(
+            raise ConfigError(
                 "the checkpoint was trained with a compute budget; give the run's compute_budget "
                 "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
             )
@@ -249,7 +250,7 @@ class TSALanguageModel(L.LightningModule):
             self.codec, ("the checkpoint", "the data")
         )
         if different:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's vocabulary differs from the data's ({different}); use the corpus "
                 "the checkpoint was trained on"
             )
@@ -260,7 +261,7 @@ class TSALanguageModel(L.LightningModule):
             for key in saved.mismatches(self.config)
         ]
         if mismatched:
-            raise ValueError(
+            raise ConfigError(
                 "the checkpoint was trained with a different model: "
                 + ", ".join(mismatched)
                 + "; use the run's own config.yaml (and the same data) with this checkpoint"
@@ -271,7 +272,7 @@ class TSALanguageModel(L.LightningModule):
         network's config is kept apart from the hyperparameters, which loading may override."""
         broken = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
         if broken:
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"weights became non-finite ({', '.join(broken[:3])}); checkpoint not written"
             )
         checkpoint["network"] = asdict(self.config)
@@ -283,7 +284,7 @@ class TSALanguageModel(L.LightningModule):
         )
         total = self.trainer.max_steps
         if total is None or total < 0:
-            raise ValueError("set trainer.max_steps: the learning-rate schedule decays by step")
+            raise ConfigError("set trainer.max_steps: the learning-rate schedule decays by step")
 
         def lr_factor(step: int) -> float:
             if step < hp.warmup_steps:
@@ -319,7 +320,7 @@ def load_dense_trunk(path: str, config: TSAConfig) -> TSATransformer:
     checkpoint = read_checkpoint(path)
     dense_config = TSAConfig(**checkpoint["hyper_parameters"]["config"])
     if dense_config.routing != "none":
-        raise ValueError(
+        raise ConfigError(
             f"init_from {path} is a {dense_config.routing!r} model; retrofitting starts from a dense one "
             "(routing: none)"
         )
@@ -329,7 +330,7 @@ def load_dense_trunk(path: str, config: TSAConfig) -> TSATransformer:
         if name not in ("routing", "router_hidden", "mod_every")  # routing fields: the dense model has none
     ]
     if different:
-        raise ValueError(
+        raise ConfigError(
             f"init_from {path} has another trunk: {', '.join(different)}; retrofit a dense "
             "checkpoint of the same shape"
         )

@@ -26,12 +26,10 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tsa_lightning.errors import ConfigError, RunError
+
 LAST = "last.ckpt"
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
-
-
-class RunError(RuntimeError):
-    """Work could not be saved or a run folder cannot be used; the message says what to do."""
 
 
 class RunLock:
@@ -87,7 +85,7 @@ class LastCheckpoint(Checkpoint):
 
     def __init__(self, every_n_train_steps: int = 100) -> None:
         if every_n_train_steps < 1:
-            raise ValueError(f"last_checkpoint.every_n_train_steps must be >= 1, got {every_n_train_steps}")
+            raise ConfigError(f"last_checkpoint.every_n_train_steps must be >= 1, got {every_n_train_steps}")
         self.every_n_train_steps = every_n_train_steps
         self.dirpath: Path | None = None  # the run's checkpoint folder, set by the CLI
         self.saved_step: int | None = None
