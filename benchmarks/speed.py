@@ -133,8 +133,8 @@ def decode_speed(dense, tsa, threshold, tokens, device, repeats, new_tokens: int
     """Cached greedy decoding, eager and compiled."""
     rows = []
     for batch in (1, 8):
-        prompts = list(windows(tokens, batch, 16, device))
-        n = min(new_tokens, tsa.config.block_size - 16)
+        prompts = list(windows(tokens, batch, prompt_length(tsa), device))
+        n = min(new_tokens, tsa.config.block_size - len(prompts[0]))
         for compiled in compiles:
 
             def run(model, prompts=prompts, n=n, compiled=compiled):
@@ -146,6 +146,11 @@ def decode_speed(dense, tsa, threshold, tokens, device, repeats, new_tokens: int
             t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
             rows.append({"batch": batch, "compiled": compiled, **decode_row(tsa, threshold, prompts, n, t)})
     return rows
+
+
+def prompt_length(model: TSATransformer) -> int:
+    """Decoding starts from 16 tokens of text, leaving room for new ones in a short context."""
+    return min(16, model.config.block_size // 2)
 
 
 def threshold_for_skip(halts: torch.Tensor, skip: float) -> float:
@@ -185,8 +190,8 @@ def decode_row(tsa, threshold, prompts, n: int, t: dict) -> dict:
 
 def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[dict]:
     """Batch-8 decoding at forced skip rates (thresholds at quantiles of p on test text)."""
-    prompts = list(windows(tokens, 8, 16, device))
-    n = min(new_tokens, tsa.config.block_size - 16)
+    prompts = list(windows(tokens, 8, prompt_length(tsa), device))
+    n = min(new_tokens, tsa.config.block_size - len(prompts[0]))
     halts = halting(tsa, tokens, device)
     rows = []
     for skip in (0.2, 0.4, 0.6):
@@ -208,8 +213,9 @@ def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> lis
 
 
 def sample_speed(dense_module, tsa_module, threshold, repeats: int, new_tokens: int = 500) -> dict:
-    """`sample` as the CLI runs it, for both checkpoints; the dense twin's cache against recomputation."""
-    prompt = "\n"
+    """`sample` as the CLI runs it, for both models; the dense twin's cache against recomputation."""
+    alphabet = dense_module.codec.alphabet
+    prompt = "\n" if alphabet is None or "\n" in alphabet else alphabet[0]
     idx = torch.tensor(dense_module.codec.encode(prompt), device=dense_module.device)[None]
     t = alternate(
         {
