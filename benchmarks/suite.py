@@ -195,17 +195,18 @@ def read_runs(folder: Path, suite: Suite) -> list[dict]:
         score = json.loads(scores[name].read_text()) if name in scores else {}
         points, source = score.get("points", []), scores.get(name) or tests[name]
         variant, seed = NAME.fullmatch(name)["variant"], int(NAME.fullmatch(name)["seed"])
-        net = variant_config(suite, variant)["model"]["config"]
+        model = variant_config(suite, variant)["model"]
+        threshold = model["config"]["skip_threshold"]
         if name in tests:
             point = test_point(tests[name])
         elif len(points) == 1:
             point = points[0]
-        elif variant_config(suite, variant)["model"]["compute_budget"] is not None:
+        elif model["compute_budget"] is not None:
             raise ValueError(f"{source}: a budgeted run is scored at its calibrated threshold, by `test`")
         else:
-            own = [p for p in points if abs(p["threshold"] - net["skip_threshold"]) < 1e-9]
+            own = [p for p in points if abs(p["threshold"] - threshold) < 1e-9]
             if not own:
-                raise ValueError(f"{source} has no point at the model's threshold {net['skip_threshold']}")
+                raise ValueError(f"{source} has no point at the model's threshold {threshold}")
             point = own[0]
         if "train_steps" in score:  # recorded with the score
             seconds, steps = score["train_seconds"], score["train_steps"]
@@ -231,7 +232,7 @@ def version(path: Path) -> int:
 
 def test_point(path: Path) -> dict:
     """The last row of a `test` run's CSV log, under the names of a sweep's points."""
-    row = list(csv.DictReader(path.open()))[-1]
+    row = list(csv.DictReader(path.read_text().splitlines()))[-1]
     per_layer = [
         float(row[f"executed/test/block_{i}"]) for i in range(sum(k.startswith("executed/") for k in row))
     ]
