@@ -182,3 +182,33 @@ def test_hard_vs_soft_times_the_three_forwards(tiny_shape, tmp_path, monkeypatch
         monkeypatch=monkeypatch,
     )
     assert {"dense_ms", "soft_ms", "hard_ms"} <= json.loads(out.read_text()).keys()
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"model.config.n_layer": 6, ...}: a config's leaves under their dotted keys."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_config_that_loads_a_shape_keeps_every_value_it_does_not_set(config):
+    """A nested section in such a config would replace the shape's whole section (jsonargparse):
+    every shape value the config does not set itself must survive."""
+    from common import resolved_config
+
+    own = flat(yaml.safe_load(config.read_text()))
+    shape_file = own.pop("config", None)
+    if shape_file is None:
+        pytest.skip(f"{config.name} loads no shape")
+    shape = flat(yaml.safe_load((config.parent / shape_file).read_text()))
+    resolved = flat(resolved_config(config))
+    for key, value in shape.items():
+        if key not in own and not (key.startswith("data.") and "data.class_path" in own):
+            assert resolved[key] == value, f"{config.name} loses {key}={value!r} of {shape_file}"
+    for key, value in own.items():
+        assert resolved[key] == value, f"{config.name}: {key} resolves to {resolved[key]!r}, not {value!r}"
