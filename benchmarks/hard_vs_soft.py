@@ -1,8 +1,8 @@
 """First look at real savings: hard vs soft vs dense-twin forward time, routers biased to skip a share.
 
-Routers get random weights, then each output bias is set so that a chosen fraction of tokens
-passes the skip threshold (calibrated on soft-mode states). Timings alternate between modes in
-one process; the median of the repeats is reported.
+At the shape of --config (the paper's by default), routers get random weights, then each output
+bias is set so that a chosen fraction of tokens passes the skip threshold (calibrated on soft-mode
+states). Timings alternate between modes in one process; the median of the repeats is reported.
 
     python benchmarks/hard_vs_soft.py --skip 0.3 --batch 64 --ctx 128
 """
@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from speed import alternate  # the benchmarks' one way to time things side by side
+from common import SHAPES, alternate, data_module, network, resolved_config
 
-from tsa_lightning import TSAConfig, TSATransformer
+from tsa_lightning import TSATransformer
 from tsa_lightning.accounting import report
 
 
@@ -48,13 +48,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--config", type=Path, default=SHAPES / "paper.yaml", help="the shape")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hard_vs_soft.json"))
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists; pass another --out")
 
+    shape = resolved_config(args.config, args=(f"--data.init_args.block_size={args.ctx}",))
+    config = replace(network(shape, data_module(shape)), routing="tsa", gate="soft")
     torch.manual_seed(0)
-    config = TSAConfig(vocab_size=65, block_size=args.ctx, n_layer=6, n_head=8, n_embd=256)
     model = TSATransformer(config).eval()
     torch.manual_seed(0)  # the same seed gives the dense twin the very same blocks
     dense = TSATransformer(replace(config, routing="none")).eval()
@@ -66,7 +68,8 @@ def main() -> None:
         ms = {name: t * 1e3 for name, t in alternate(runs, args.repeats, idx.device).items()}
         rep = report(config, model(idx, mode="hard")[2])
     result = {
-        "shape": "n_embd 256, 6 layers, 8 heads, FFN 1024, vocab 65",
+        "shape": f"n_embd {config.n_embd}, {config.n_layer} layers, {config.n_head} heads, "
+        f"FFN {config.ffn_hidden}, vocab {config.vocab_size}",
         "batch": args.batch,
         "ctx": args.ctx,
         "threads": torch.get_num_threads(),

@@ -1,17 +1,21 @@
-"""Does skipped work become wall-clock time? Dense twin vs TSA hard mode on trained checkpoints.
+"""Does skipped work become wall-clock time? A dense twin and a TSA model in hard mode, side by side.
 
-Measures, side by side in one process (alternating, several repeats, median):
-- full-sequence forward tokens/s at batch 1, 8, 64 and ctx 128, 256 (up to the model's block_size),
-  with the executed skip fraction and FLOPs measured on real text (test-split windows);
-- KV-cache greedy decoding tokens/s at batch 1 and 8, eager and compiled, against the FLOPs ideal;
-  at batch 8 also at forced skip rates (20-60%);
-- `sample` (what `cli.py sample` runs) of 500 tokens for both checkpoints, and the dense twin's
-  cached decoding against full recomputation;
-- one training step (forward, backward, AdamW) of the TSA model (soft and straight-through gate),
-  its dense twin and a plain PyTorch GPT, at the checkpoints' shape and the paper's;
-- peak memory of each forward (CUDA: the allocator's peak; CPU: the profiler's allocation record).
+The pair is two checkpoints (--dense, --tsa: a trained dense twin and a TSA model of the same shape)
+or, without them, two untrained models at the shape of --config whose random routers skip a share
+--skip of the routed blocks on real text (speed depends on which blocks run, not on what the weights
+say). The text is the test split of --config's data. Measured in one process, alternating, the
+median of several repeats:
+- forward: full-sequence tokens/s at batch 1, 8, 64 and ctx 128, 256 (up to block_size), with the
+  executed skip and FLOPs, TSA's rule for partly skipped blocks against always gathering;
+- decode: KV-cache greedy decoding at batch 1 and 8, eager and compiled, against the FLOPs ideal;
+- skip_sweep: batch-8 decoding at forced skip rates (20-60%);
+- sample: `sample` of 500 tokens for both, and the dense twin's cache against full recomputation;
+- train: one training step (forward, backward, AdamW) of TSA (soft and straight-through gate), the
+  dense twin and a plain PyTorch GPT, at the pair's shape (dropout off);
+- memory: peak memory of each forward (CUDA: the allocator's peak; CPU: the profiler's record).
 
-    python benchmarks/speed.py --dense runs/bench/dense.ckpt --tsa runs/bench/tsa.ckpt
+    python benchmarks/speed.py --dense dense.ckpt --tsa tsa.ckpt --config configs/shapes/regime.yaml
+    python benchmarks/speed.py --config configs/shapes/paper.yaml --skip 0.3 --parts decode train
 """
 
 from __future__ import annotations
@@ -19,26 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
 import torch
+from common import SHAPES, alternate, data_module, network, resolved_config
 from torch import nn
 from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from tsa_lightning import model as model_module
 from tsa_lightning.accounting import report
-from tsa_lightning.data import ShakespeareDataModule
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, TSATransformer
 from tsa_lightning.module import TSALanguageModel
 
-PARTS = ("forward", "decode", "decode_paper_shape", "skip_sweep", "sample", "train", "memory")
-PAPER_SHAPE = {"n_layer": 6, "n_embd": 256, "n_head": 8, "ffn_hidden": 1024, "block_size": 128}
+PARTS = ("forward", "decode", "skip_sweep", "sample", "train", "memory")
 
 
 class PlainGPT(nn.Module):
@@ -76,43 +76,23 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1), targets.flatten())
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def alternate(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each function, run in turn so machine noise hits all of them alike."""
-    for fn in fns.values():  # warm-up
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def windows(tokens, batch: int, ctx: int, device) -> torch.Tensor:
     starts = torch.linspace(0, len(tokens) - ctx - 2, batch).long().tolist()
     return torch.stack([torch.from_numpy(tokens[s : s + ctx].astype("int64")) for s in starts]).to(device)
 
 
-def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
+def forward_speed(dense, tsa, threshold, tokens, device, repeats) -> list[dict]:
     rows = []
-    for ctx in (128, 256):
-        if ctx > tsa.config.block_size:
-            print(f"ctx {ctx} skipped: the checkpoints' block_size is {tsa.config.block_size}")
-            continue
+    for ctx in sorted({min(128, tsa.config.block_size), min(256, tsa.config.block_size)}):
         for batch in (1, 8, 64):
             x = windows(tokens, batch, ctx, device)
             with torch.inference_mode():
-                rep = report(tsa.config, tsa(x, mode="hard")[2])
-                fns = {"dense": lambda x=x: dense(x), "tsa_hard": lambda x=x: tsa(x, mode="hard")}
-                fns["tsa_always_gather"] = with_rule(fns["tsa_hard"], ALWAYS_GATHER)
+                rep = report(tsa.config, tsa(x, mode="hard", threshold=threshold)[2])
+                fns = {
+                    "dense": lambda x=x: dense(x),
+                    "tsa_hard": lambda x=x: tsa(x, mode="hard", threshold=threshold),
+                }
+                fns["tsa_always_gather"] = always_gathering(tsa, fns["tsa_hard"])
                 t = alternate(fns, repeats, device)
             ideal = 1 / (1 - rep.flops_saved)
             speedup = t["dense"] / t["tsa_hard"]
@@ -133,37 +113,44 @@ def forward_speed(dense, tsa, tokens, device, repeats) -> list[dict]:
     return rows
 
 
-ALWAYS_GATHER = 1.0  # a RUN_FOR_ALL_ABOVE no kept share exceeds
-
-
-def with_rule(fn, run_for_all_above: float):
-    """`fn` under another model.RUN_FOR_ALL_ABOVE (when a partly skipped block runs for every token)."""
+def always_gathering(model: TSATransformer, fn):
+    """`fn` with every block gathering its kept tokens, however many run (the rule's alternative)."""
 
     def run():
-        default, model_module.RUN_FOR_ALL_ABOVE = model_module.RUN_FOR_ALL_ABOVE, run_for_all_above
+        rules = [block.run_for_all_above for block in model.blocks]
+        for block in model.blocks:
+            block.run_for_all_above = 1.0  # no kept share exceeds it
         try:
             return fn()
         finally:
-            model_module.RUN_FOR_ALL_ABOVE = default
+            for block, rule in zip(model.blocks, rules, strict=True):
+                block.run_for_all_above = rule
 
     return run
 
 
-def decode_speed(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[dict]:
-    """Cached greedy decoding, eager and compiled, at the TSA checkpoint's own threshold."""
+def decode_speed(dense, tsa, threshold, tokens, device, repeats, new_tokens: int, compiles) -> list[dict]:
+    """Cached greedy decoding, eager and compiled."""
     rows = []
     for batch in (1, 8):
-        prompts = list(windows(tokens, batch, 16, device))
-        n = min(new_tokens, tsa.config.block_size - 16)
-        for compiled in (False, True):
+        prompts = list(windows(tokens, batch, prompt_length(tsa), device))
+        n = min(new_tokens, tsa.config.block_size - len(prompts[0]))
+        for compiled in compiles:
 
             def run(model, prompts=prompts, n=n, compiled=compiled):
-                return lambda: generate_cached(model, prompts, n, temperature=0, compile=compiled)
+                return lambda: generate_cached(
+                    model, prompts, n, temperature=0, threshold=threshold, compile=compiled
+                )
 
             torch._dynamo.reset()  # a fresh compile cache per comparison: no silent fallback to eager
             t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
-            rows.append({"batch": batch, "compiled": compiled, **decode_row(tsa, prompts, n, t)})
+            rows.append({"batch": batch, "compiled": compiled, **decode_row(tsa, threshold, prompts, n, t)})
     return rows
+
+
+def prompt_length(model: TSATransformer) -> int:
+    """Decoding starts from 16 tokens of text, leaving room for new ones in a short context."""
+    return min(16, model.config.block_size // 2)
 
 
 def threshold_for_skip(halts: torch.Tensor, skip: float) -> float:
@@ -171,29 +158,19 @@ def threshold_for_skip(halts: torch.Tensor, skip: float) -> float:
     return float(torch.quantile(halts.flatten().float()[:100_000], 1 - skip))
 
 
-def paper_shape_models(vocab_size: int, tokens, device, skip: float = 0.3):
-    """A dense twin and a TSA model at the paper's shape, untrained, the TSA threshold set to `skip`.
-
-    Speed depends on which blocks run, not on what the weights say: the threshold is the quantile
-    of the (random) routers' p on real text that skips a share `skip` of routed blocks.
-    """
-    torch.manual_seed(0)
-    config = TSAConfig(
-        vocab_size=vocab_size, routing="tsa", gate="straight_through", dropout=0.0, **PAPER_SHAPE
-    )
-    tsa = TSATransformer(config).to(device).eval()
-    dense = TSATransformer(replace(config, routing="none")).to(device).eval()
+def halting(tsa: TSATransformer, tokens, device) -> torch.Tensor:
+    """The routers' p on 64 windows of text, every block run."""
     with torch.inference_mode():
-        halts = tsa(windows(tokens, 16, config.block_size, device), mode="hard", threshold=1.01)[2].halt_probs
-    tsa.config.skip_threshold = threshold_for_skip(halts, skip)
-    return dense, tsa
+        return tsa(windows(tokens, 64, tsa.config.block_size, device), mode="hard", threshold=1.01)[
+            2
+        ].halt_probs
 
 
-def decode_row(tsa, prompts, n: int, t: dict) -> dict:
+def decode_row(tsa, threshold, prompts, n: int, t: dict) -> dict:
     """Speedup of one decoding comparison, with the skip and FLOPs of what TSA generated."""
     with torch.inference_mode():  # cached decisions equal the full-sequence hard forward's
-        generated = torch.stack(generate_cached(tsa, prompts, n, temperature=0))
-        routing = tsa(generated, mode="hard")[2]
+        generated = torch.stack(generate_cached(tsa, prompts, n, temperature=0, threshold=threshold))
+        routing = tsa(generated, mode="hard", threshold=threshold)[2]
     start = len(prompts[0])
     new = type(routing)(routing.halt_probs[:, start:], routing.executed[:, start:])
     rep = report(tsa.config, new)
@@ -213,10 +190,9 @@ def decode_row(tsa, prompts, n: int, t: dict) -> dict:
 
 def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> list[dict]:
     """Batch-8 decoding at forced skip rates (thresholds at quantiles of p on test text)."""
-    prompts = list(windows(tokens, 8, 16, device))
-    n = min(new_tokens, tsa.config.block_size - 16)
-    with torch.inference_mode():
-        halts = tsa(windows(tokens, 64, tsa.config.block_size, device), mode="hard")[2].halt_probs
+    prompts = list(windows(tokens, 8, prompt_length(tsa), device))
+    n = min(new_tokens, tsa.config.block_size - len(prompts[0]))
+    halts = halting(tsa, tokens, device)
     rows = []
     for skip in (0.2, 0.4, 0.6):
         threshold = threshold_for_skip(halts, skip)
@@ -225,23 +201,26 @@ def skip_rate_sweep(dense, tsa, tokens, device, repeats, new_tokens: int) -> lis
             return lambda: generate_cached(model, prompts, n, temperature=0, threshold=threshold)
 
         t = alternate({"dense": run(dense), "tsa": run(tsa)}, repeats, device)
-        saved, tsa.config.skip_threshold = tsa.config.skip_threshold, threshold
-        try:
-            row = decode_row(tsa, prompts, n, t)
-        finally:
-            tsa.config.skip_threshold = saved
-        rows.append({"batch": 8, "target_skip": skip, "threshold": threshold, **row})
+        rows.append(
+            {
+                "batch": 8,
+                "target_skip": skip,
+                "threshold": threshold,
+                **decode_row(tsa, threshold, prompts, n, t),
+            }
+        )
     return rows
 
 
-def sample_speed(dense_module, tsa_module, repeats: int, new_tokens: int = 500) -> dict:
-    """`sample` as the CLI runs it, for both checkpoints; the dense twin's cache against recomputation."""
-    prompt = "\n"
+def sample_speed(dense_module, tsa_module, threshold, repeats: int, new_tokens: int = 500) -> dict:
+    """`sample` as the CLI runs it, for both models; the dense twin's cache against recomputation."""
+    alphabet = dense_module.codec.alphabet
+    prompt = "\n" if alphabet is None or "\n" in alphabet else alphabet[0]
     idx = torch.tensor(dense_module.codec.encode(prompt), device=dense_module.device)[None]
     t = alternate(
         {
             "dense": lambda: dense_module.sample(prompt, new_tokens, temperature=0),
-            "tsa": lambda: tsa_module.sample(prompt, new_tokens, temperature=0),
+            "tsa": lambda: tsa_module.sample(prompt, new_tokens, temperature=0, threshold=threshold),
             "dense_full_recompute": lambda: dense_module.model.generate(idx, new_tokens, temperature=0),
         },
         max(1, repeats),
@@ -295,17 +274,17 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
     }
 
 
-def peak_forward_mib(model, x: torch.Tensor, mode: str) -> float:
+def peak_forward_mib(model, x: torch.Tensor, mode: str, threshold: float | None = None) -> float:
     """Peak of the memory the forward's own allocations hold at once (CUDA: the allocator's peak)."""
     with torch.inference_mode():
         if x.is_cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            model(x, mode=mode)
+            model(x, mode=mode, threshold=threshold)
             return (torch.cuda.max_memory_allocated() - base) / 2**20
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(x, mode=mode)
+            model(x, mode=mode, threshold=threshold)
     held, peak = 0, 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         held += event.self_cpu_memory_usage  # this op's own allocations minus frees
@@ -313,19 +292,19 @@ def peak_forward_mib(model, x: torch.Tensor, mode: str) -> float:
     return peak / 2**20
 
 
-def peak_memory(dense, tsa, tokens, device, batch: int, ctx: int) -> dict:
+def peak_memory(dense, tsa, threshold, tokens, device, batch: int, ctx: int) -> dict:
     x = windows(tokens, batch, ctx, device)
     return {
         "batch": batch,
         "ctx": ctx,
         "dense_mib": peak_forward_mib(dense, x, "soft"),
-        "tsa_hard_mib": peak_forward_mib(tsa, x, "hard"),
+        "tsa_hard_mib": peak_forward_mib(tsa, x, "hard", threshold),
     }
 
 
 def table(result: dict) -> str:
     """Markdown of whichever parts were measured."""
-    lines = [f"speed benchmark, {result['date']}, {result['machine']}"]
+    lines = [f"speed benchmark, {result['date']}, {result['machine']}: {result['pair']}, {result['shape']}"]
     if "forward" in result:
         lines += [
             "",
@@ -340,18 +319,17 @@ def table(result: dict) -> str:
                 f"{r['ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.2f} | "
                 f"{r['speedup_always_gather']:.2f}x |"
             )
-    decode = [(part, r) for part in ("decode", "decode_paper_shape") for r in result.get(part, [])]
-    if decode:
+    if "decode" in result:
         lines += [
             "",
             "| decode | batch | compiled | new tokens | dense tok/s | TSA tok/s | speedup | executed skip "
             "| FLOPs saved | of ideal |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for part, r in decode:
-            shape = "paper shape, untrained" if part == "decode_paper_shape" else "checkpoints"
+        for r in result["decode"]:
             lines.append(
-                f"| {shape} | {r['batch']} | {'yes' if r['compiled'] else 'no'} | {r['new_tokens']} | "
+                f"| {result['pair']} | {r['batch']} | {'yes' if r['compiled'] else 'no'} | "
+                f"{r['new_tokens']} | "
                 f"{r['dense_tok_s']:.0f} | {r['tsa_tok_s']:.0f} | {r['speedup']:.2f}x | "
                 f"{r['executed_skip']:.1%} | {r['flops_saved']:.1%} | {r['fraction_of_ideal']:.2f} |"
             )
@@ -390,63 +368,99 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def pair(args, data, device) -> tuple[TSALanguageModel, TSALanguageModel, float | None, str]:
+    """The dense and TSA modules, TSA's threshold (None: its own) and how the report names the pair."""
+    if args.dense or args.tsa:
+        if not (args.dense and args.tsa):
+            raise SystemExit(
+                "error: give both --dense and --tsa, or neither (random routers at --config's shape)"
+            )
+        dense, tsa = (
+            TSALanguageModel.load_from_checkpoint(p, map_location=device).eval()
+            for p in (args.dense, args.tsa)
+        )
+        return dense, tsa, args.threshold, "checkpoints"
+    config = replace(network(args.config_dict, data), gate="straight_through", dropout=0.0)
+    modules = []
+    for routing in ("none", "tsa"):
+        torch.manual_seed(0)  # the same blocks in both
+        modules.append(
+            TSALanguageModel(replace(config, routing=routing), alphabet=data.alphabet).to(device).eval()
+        )
+    dense, tsa = modules
+    threshold = args.threshold
+    if threshold is None:  # speed depends on which blocks run: skip a share --skip of them on real text
+        threshold = threshold_for_skip(halting(tsa.model, data.splits["test"], device), args.skip)
+    return dense, tsa, threshold, f"untrained, {args.skip:.0%} skip"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dense", required=True, help="dense twin checkpoint")
-    parser.add_argument("--tsa", required=True, help="TSA checkpoint")
+    parser.add_argument("--dense", help="dense twin checkpoint (with --tsa)")
+    parser.add_argument("--tsa", help="TSA checkpoint of the same shape (with --dense)")
     parser.add_argument(
-        "--data_dir", default=None, help="folder with tinyshakespeare/ (default $TSA_DATA_DIR)"
+        "--config",
+        type=Path,
+        default=SHAPES / "regime.yaml",
+        help="its data's test split is the text; without checkpoints, its shape is the pair's",
+    )
+    parser.add_argument("--data_dir", default=None, help="the data's data_dir (default $TSA_DATA_DIR)")
+    parser.add_argument(
+        "--skip", type=float, default=0.3, help="untrained pair: the share of routed blocks skipped"
+    )
+    parser.add_argument(
+        "--threshold", type=float, help="TSA's skip threshold (default: its own, or --skip's)"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new_tokens", type=int, default=112)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed/speed.json"))
     parser.add_argument("--parts", nargs="+", choices=PARTS, help="measure only these (default: all)")
+    parser.add_argument(
+        "--no_compile", action="store_true", help="decode eagerly only (compiling takes minutes)"
+    )
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists; pass another --out")
     device = torch.device(args.device)
-
-    def load(path):
-        return TSALanguageModel.load_from_checkpoint(path, map_location=device).eval()
-
-    dense_module, tsa_module = load(args.dense), load(args.tsa)
-    dense, tsa = dense_module.model, tsa_module.model
-    data = ShakespeareDataModule(data_dir=args.data_dir)
+    args.config_dict = resolved_config(args.config)
+    data = data_module(args.config_dict, **({"data_dir": args.data_dir} if args.data_dir else {}))
     data.setup()
     tokens = data.splits["test"]
+    dense_module, tsa_module, threshold, name = pair(args, data, device)
+    dense, tsa = dense_module.model, tsa_module.model
     c = tsa.config
     decode_repeats = max(3, args.repeats // 2)
+    compiles = (False,) if args.no_compile else (False, True)
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     parts = {
-        "forward": lambda: forward_speed(dense, tsa, tokens, device, args.repeats),
-        "decode": lambda: decode_speed(dense, tsa, tokens, device, decode_repeats, args.new_tokens),
-        "decode_paper_shape": lambda: decode_speed(
-            *paper_shape_models(c.vocab_size, tokens, device), tokens, device, decode_repeats, args.new_tokens
+        "forward": lambda: forward_speed(dense, tsa, threshold, tokens, device, args.repeats),
+        "decode": lambda: decode_speed(
+            dense, tsa, threshold, tokens, device, decode_repeats, args.new_tokens, compiles
         ),
         "skip_sweep": lambda: skip_rate_sweep(dense, tsa, tokens, device, decode_repeats, args.new_tokens),
-        "sample": lambda: sample_speed(dense_module, tsa_module, decode_repeats),
-        "train": lambda: [
-            train_speed(c, device, args.repeats, batch=32, ctx=min(128, c.block_size)),
-            train_speed(replace(c, **PAPER_SHAPE), device, args.repeats, batch=32, ctx=128),
-        ],
-        "memory": lambda: peak_memory(dense, tsa, tokens, device, batch=64, ctx=min(128, c.block_size)),
+        "sample": lambda: sample_speed(dense_module, tsa_module, threshold, decode_repeats),
+        "train": lambda: [train_speed(c, device, args.repeats, batch=32, ctx=min(128, c.block_size))],
+        "memory": lambda: peak_memory(
+            dense, tsa, threshold, tokens, device, batch=64, ctx=min(128, c.block_size)
+        ),
     }
     result = {
         "date": str(date.today()),
         "machine": machine,
         "device": device.type,
-        "shape": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "block_size": c.block_size},
-        "skip_threshold": c.skip_threshold,
-        **{name: parts[name]() for name in args.parts or parts},
+        "pair": name,
+        "shape": f"{c.n_layer}x{c.n_embd}, {c.n_head} heads, ctx {c.block_size}",
+        "skip_threshold": c.skip_threshold if threshold is None else threshold,
+        **{part: parts[part]() for part in args.parts or parts},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(table(result) + "\n")
     print(table(result))
 
