@@ -76,6 +76,9 @@ def test_evaluate_writes_every_field_and_is_monotone(tmp_path, small_corpus, rou
     if routing != "none":
         assert executed[0] < 1.0
     assert result["points"] == points
+    assert saved["step"] == 4 and saved["unit"] == "character"
+    assert saved["trained_threshold"] == (None if routing == "none" else 0.5)  # marked in the table
+    assert ("| 0.5 (trained) |" in (out / f"{routing}.md").read_text()) == (routing != "none")
     with pytest.raises(RunError, match="exists"):  # never overwrite an earlier evaluation
         evaluate(ckpt, data, split="val", out_dir=str(out), limit_batches=3)
 
@@ -94,6 +97,21 @@ def test_an_interrupted_write_leaves_no_partial_set(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         evaluation.write_outputs(result, tmp_path / "eval", "run")
     assert not [p for p in evaluation.output_paths(tmp_path / "eval", "run") if p.exists()]
+
+
+def test_evaluate_draws_a_dense_reference_beside_the_curve(tmp_path, small_corpus):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ckpt, dense = (
+        tiny_run(tmp_path / "a", small_corpus, "tsa"),
+        tiny_run(tmp_path / "b", small_corpus, "none"),
+    )
+    data = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=8)
+    result = evaluate(
+        ckpt, data, out_dir=str(tmp_path / "eval"), thresholds=[0.5], limit_batches=2, reference=dense
+    )
+    alone = evaluate(dense, data, out_dir=str(tmp_path / "eval"), thresholds=[0.5], limit_batches=2)
+    assert result["reference"] == {"name": "none", "bpc": alone["points"][0]["bpc"], "flops_share": 1.0}
 
 
 @torch.no_grad()

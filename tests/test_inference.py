@@ -3,7 +3,6 @@ import torch
 
 from tests.test_baselines import make, spread_predictors
 from tests.test_model import TINY, spread_routers
-from tsa_lightning import model as model_module
 from tsa_lightning.inference import generate_cached
 
 
@@ -176,13 +175,14 @@ def test_the_compiled_decoder_equals_the_eager_one(routing):
         assert torch.equal(got, expected)
 
 
-def test_a_partly_skipped_block_gives_the_same_result_gathered_or_run_for_all(monkeypatch):
+def test_a_partly_skipped_block_gives_the_same_result_gathered_or_run_for_all():
     """Running it for every token and dropping the skipped updates equals gathering the kept ones."""
     model = trained_like("tsa")
     idx = prompts_of_lengths(16)[0][None].repeat(3, 1)
     outputs = {}
     for run_for_all_above in (-1.0, 1.0):  # always run for all / always gather
-        monkeypatch.setattr(model_module, "RUN_FOR_ALL_ABOVE", run_for_all_above)
+        for block in model.blocks:
+            block.run_for_all_above = run_for_all_above
         logits, _, routing = model(idx, mode="hard", threshold=0.5)
         outputs[run_for_all_above] = logits
     assert 0.1 < routing.executed[..., 1:].float().mean() < 0.9

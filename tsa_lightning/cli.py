@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.callbacks import Dashboard, DepthMap, HaltingHistograms, HardSample, PredictionWriter
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import TextDataModule
@@ -365,8 +366,12 @@ def evaluate(
     accelerator: str = "auto",
     devices: int | str = "auto",
     precision: str | None = None,
+    reference: str | None = None,
 ) -> dict:
     """Sweep the skip threshold of a checkpoint: hard-mode bpc against executed compute.
+
+    The sweep includes the checkpoint's own threshold (a budget's calibrated one, say), marked as
+    the trained operating point in the table and the plot.
 
     Args:
         ckpt_path: a checkpoint written by `fit`.
@@ -379,6 +384,8 @@ def evaluate(
         accelerator: Lightning accelerator for the sweep ("cpu", "gpu", "auto", ...).
         devices: Lightning devices for the sweep.
         precision: Lightning precision for the sweep (e.g. "bf16-mixed"; default full precision).
+        reference: a dense checkpoint (the dense twin, or a smaller dense model) scored on the same
+            split and drawn as one point beside the curve.
     """
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be 'val' or 'test', got {split!r}")
@@ -396,6 +403,11 @@ def evaluate(
             raise RunError(f"{path} exists; choose another --out_dir or --name")
     module = load_checkpoint(ckpt_path)
     same_vocabulary(module, data)
+    dense = None if reference is None else load_checkpoint(reference)
+    if dense is not None:
+        same_vocabulary(dense, data)
+    trained = None if module.config.routing == "none" else module.skip_threshold
+    thresholds = sorted({*thresholds, *([trained] if trained is not None else [])})
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -405,6 +417,18 @@ def evaluate(
         **QUIET,
     )
     result = sweep(module.model, data, thresholds, split, trainer)
+    result |= {
+        "step": int(read_checkpoint(ckpt_path).get("global_step", 0)),
+        "unit": "byte" if module.codec.alphabet is None else "character",
+        "trained_threshold": trained,
+    }
+    if dense is not None:
+        full = dense_twin_flops(module.config, 1, 1)
+        result["reference"] = {
+            "name": Path(reference).stem,
+            "bpc": sweep(dense.model, data, [MAX_THRESHOLD], split, trainer)["points"][0]["bpc"],
+            "flops_share": dense_twin_flops(dense.config, 1, 1) / full,
+        }
     if trainer.is_global_zero:
         write_outputs(result, Path(out_dir), name)
         print(markdown_table(result))

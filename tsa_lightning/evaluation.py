@@ -128,25 +128,57 @@ def markdown_table(result: dict) -> str:
         "| threshold | hard bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved (soft) |",
         "|---|---|---|---|---|",
     ]
+    trained = result.get("trained_threshold")
     for p in result["points"]:
+        mark = " (trained)" if trained is not None and p["threshold"] == trained else ""
         lines.append(
-            f"| {p['threshold']:.2f} | {p['bpc']:.4f} | {p['executed_tlops_saved']:.1%} | "
+            f"| {p['threshold']:.3g}{mark} | {p['bpc']:.4f} | {p['executed_tlops_saved']:.1%} | "
             f"{p['flops_saved']:.1%} | {p['paper_tlops_saved']:.1%} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(
-    curves: dict[str, list[dict]], path: Path, title: str = "", ymax: float | None = None
+    curves: dict[str, list[dict]],
+    path: Path,
+    title: str = "",
+    ymax: float | None = None,
+    unit: str = "token",
+    trained: dict[str, float] | None = None,
+    references: dict[str, tuple[float, float]] | None = None,
 ) -> None:
     """bpc against executed FLOPs (fraction of the dense twin's), one line per model; `ymax` cuts
-    the far tails of threshold sweeps off so that the operating points stay readable."""
+    the far tails of threshold sweeps off so that the operating points stay readable.
+
+    `trained`: a curve's trained threshold, marked with a star, and each point of a single curve is
+    labelled with its threshold. `references`: models drawn as one point each (FLOPs share, bpc),
+    e.g. the dense twin.
+    """
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, points in curves.items():
         xs = [1 - p["flops_saved"] for p in points]
-        ax.plot(xs, [p["bpc"] for p in points], marker="o", markersize=3, label=name)
+        ys = [p["bpc"] for p in points]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        if len(curves) == 1:
+            for p, x, y in zip(points, xs, ys, strict=True):
+                ax.annotate(
+                    f"{p['threshold']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
+        if trained and name in trained:
+            at = min(points, key=lambda p: abs(p["threshold"] - trained[name]))
+            ax.plot(
+                1 - at["flops_saved"],
+                at["bpc"],
+                marker="*",
+                markersize=14,
+                color=line.get_color(),
+                linestyle="none",
+                label=f"{name}: trained threshold {trained[name]:.3g}",
+            )
+    for name, (x, y) in (references or {}).items():
+        ax.plot(x, y, marker="D", markersize=7, linestyle="none", color="black", label=name)
     ax.set_xlabel("executed FLOPs / dense twin FLOPs")
-    ax.set_ylabel("bits per token (hard mode)")
+    ax.set_ylabel(f"bits per {unit} (hard mode)")
     ax.set_title(title)
     if ymax is not None:
         ax.set_ylim(top=ymax)
@@ -171,7 +203,18 @@ def write_outputs(result: dict, out_dir: Path, name: str) -> None:
     try:
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
         (out_dir / f"{name}.md").write_text(markdown_table(result))
-        plot_curves({name: result["points"]}, out_dir / f"{name}.png", title=name)
+        plot_curves(
+            {name: result["points"]},
+            out_dir / f"{name}.png",
+            title=f"{name} at step {result['step']}" if "step" in result else name,
+            unit=result.get("unit", "token"),
+            trained={name: result["trained_threshold"]}
+            if result.get("trained_threshold") is not None
+            else None,
+            references={f"{ref['name']} (reference)": (ref["flops_share"], ref["bpc"])}
+            if (ref := result.get("reference"))
+            else None,
+        )
         with SummaryWriter(str(out_dir / "tensorboard" / name)) as writer:
             for i, p in enumerate(result["points"]):
                 for key in ("bpc", "executed_tlops_saved", "flops_saved", "threshold"):

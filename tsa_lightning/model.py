@@ -217,7 +217,7 @@ class Block(nn.Module):
 
     `run_for_all_above`: a full sequence whose kept share is above it runs the block for every token
     and drops the skipped updates, because packing the kept queries and masking attention cost more
-    than the rows they save when most tokens run (docs/speed.md). Decoding steps (one position)
+    than the rows they save when most tokens run (docs/benchmarks.md). Decoding steps (one position)
     always gather. 1.0 gathers always, 0.0 never; the result is the same either way.
     """
 
