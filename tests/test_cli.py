@@ -83,12 +83,30 @@ def trained_run(tmp_path_factory, shared_data):
         cwd=root,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "fit.stderr").write_text(result.stderr)
     return root
 
 
 def test_fit_writes_checkpoint_and_config(trained_run):
     assert (trained_run / "runs/cpu/checkpoints/last.ckpt").is_file()
     assert (trained_run / "runs/cpu/version_0/config.yaml").is_file()
+
+
+def test_fit_says_where_everything_goes_and_ends_with_a_summary(trained_run):
+    printed = (trained_run / "fit.stderr").read_text()
+    checkpoints = (trained_run / "runs/cpu/checkpoints").resolve()
+    assert "Logs: runs/cpu/version_0 (watch them: tensorboard --logdir runs)" in printed
+    assert f"Checkpoints: {checkpoints}" in printed
+    summary = printed[printed.index("Run finished at step 12.") :]
+    assert "hard-mode bpc" in summary and "mean blocks per token" in summary
+    assert f"final state:     {checkpoints / 'last.ckpt'}" in summary
+    assert "💡" not in printed and "weights_only" not in printed  # Lightning's notes, silenced
+
+
+def test_fit_help_describes_the_model_options():
+    result = cli("fit", "--help", cwd=REPO)
+    described = " ".join(result.stdout.split())
+    assert "--model.compute_budget COMPUTE_BUDGET share of the routed token-blocks" in described
 
 
 def run_events(run: Path) -> EventAccumulator:
@@ -143,7 +161,7 @@ def test_every_tag_once_under_one_name(trained_run):
     """The full list of scalar tags: one name per quantity, the same names for train and val."""
     scalars = set(run_events(trained_run / "runs/cpu/version_0").Tags()["scalars"])
     saved = ("tlops_saved_executed", "flops_saved", "tlops_saved_paper")
-    expected = {"epoch", "train/loss", "train/bpc", "train/ppl"}
+    expected = {"epoch", "train/loss", "train/bpc", "train/ppl", "val/step"}
     expected |= {f"val/{mode}/{name}" for mode in ("soft", "hard") for name in ("loss", "bpc", "ppl")}
     for stage in ("train", "val"):
         expected |= {f"{stage}/{name}" for name in saved} | {f"executed/{stage}/block_{l}" for l in range(6)}
@@ -172,8 +190,10 @@ def test_hparams_table_shows_final_quality_and_compute(trained_run):
     metrics = {info.name.tag for info in experiment.metric_infos}
     assert metrics == set(HPARAM_METRICS)
     logged = metrics & set(events.Tags()["scalars"])  # the table reads the scalars the module logs
-    assert {"val/hard/bpc", "val/tlops_saved_executed", "val/flops_saved", "val/tlops_saved_paper"} <= logged
-    hparams = {h.name for h in experiment.hparam_infos}
+    assert {"val/step", "val/hard/bpc", "val/tlops_saved_executed", "val/flops_saved"} <= logged
+    order = [h.name for h in experiment.hparam_infos]
+    assert order[:2] == ["routing", "gate"]  # the options that tell the variants apart come first
+    hparams = set(order)
     assert {"n_layer", "skip_threshold", "depth_loss_weight", "gate"} <= hparams
     assert "alphabet" not in hparams and not any(name.startswith("_") for name in hparams)
     start = hparams_metadata.parse_session_start_info_plugin_data(

@@ -12,11 +12,12 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
@@ -49,12 +50,14 @@ LAYOUT = {
     },
     "quality": {"bits per character": ["Multiline", [r"train/bpc$", r"(val|test)/(soft|hard)/bpc$"]]},
 }
-# the HParams table's columns: final hard-mode quality and compute, of validation and of test
+# the HParams table's columns: the step reached, final hard-mode quality and compute, of validation and test
 HPARAM_METRICS = tuple(
     f"{stage}/{name}"
     for stage in ("val", "test")
-    for name in ("hard/bpc", "tlops_saved_executed", "flops_saved", "tlops_saved_paper")
+    for name in ("step", "hard/bpc", "tlops_saved_executed", "flops_saved", "tlops_saved_paper")
 )
+# the options that tell the variants apart lead the HParams table
+HPARAM_LEAD = ("routing", "gate", "compute_budget", "depth_loss_weight", "n_layer", "n_embd")
 
 
 class Dashboard(L.Callback):
@@ -92,9 +95,12 @@ class Dashboard(L.Callback):
         flat: dict = {}
         for name, value in pl_module.hparams.items():
             flat.update(value if isinstance(value, dict) else {name: value})  # model.config's fields by name
+        order = sorted(
+            flat, key=lambda name: HPARAM_LEAD.index(name) if name in HPARAM_LEAD else len(HPARAM_LEAD)
+        )
         params = {
-            name: value if isinstance(value, bool | int | float | str) else str(value)
-            for name, value in flat.items()
+            name: flat[name] if isinstance(flat[name], bool | int | float | str) else str(flat[name])
+            for name in order
             if name != "alphabet" and not name.startswith("_")
         }
         # only the metric names are written; their values are the scalars the module logs
@@ -333,3 +339,40 @@ class PredictionWriter(BasePredictionWriter):
                     "blocks_run": blocks_run.tolist(),
                 }
                 f.write(json.dumps(line) + "\n")
+
+
+class RunProgressBar(TQDMProgressBar):
+    """One bar over the run's optimizer steps, not one per epoch, with a short postfix.
+
+    After a resume it starts at the step reached, so its rate and time left are this session's.
+    """
+
+    SHOWN: ClassVar[dict[str, str]] = {
+        "train/loss": "loss",
+        "val/hard/bpc": "val bpc",
+        "val/tlops_saved_executed": "skipped",
+    }
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar, step = self.train_progress_bar, trainer.global_step
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = bar.n = bar.last_print_n = step
+        bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        pass  # the bar counts steps across epochs
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and step != bar.n and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        logged = trainer.progress_bar_metrics
+        return {short: f"{float(logged[name]):.3f}" for name, short in self.SHOWN.items() if name in logged}

@@ -8,11 +8,13 @@ tsa-lightning evaluate --ckpt_path runs/shakespeare_cpu/checkpoints/last.ckpt --
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import re
 import sys
 import traceback
+import warnings
 from argparse import ArgumentError
 from dataclasses import fields
 from pathlib import Path
@@ -24,12 +26,19 @@ import yaml
 from jsonargparse import Namespace, auto_cli
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.accounting import dense_twin_flops
-from tsa_lightning.callbacks import Dashboard, DepthMap, HaltingHistograms, HardSample, PredictionWriter
+from tsa_lightning.callbacks import (
+    Dashboard,
+    DepthMap,
+    HaltingHistograms,
+    HardSample,
+    PredictionWriter,
+    RunProgressBar,
+)
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.errors import ConfigError, RunError, TSAError
@@ -185,6 +194,10 @@ class TSALightningCLI(LightningCLI):
             if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is None:
                 callback.dirpath = folder and os.path.realpath(folder)
         trainer.callbacks.append(GracefulStop())
+        defaults = (TQDMProgressBar, RichProgressBar)  # Lightning's own, counting batches per epoch
+        for i, callback in enumerate(trainer.callbacks):
+            if type(callback) in defaults:
+                trainer.callbacks[i] = RunProgressBar()
         return trainer
 
     def before_fit(self) -> None:
@@ -201,6 +214,11 @@ class TSALightningCLI(LightningCLI):
                 "`--ckpt_path last`, or start a new run under another name "
                 "(--trainer.logger.init_args.name=...) or folder (--checkpoint.dirpath=...)."
             )
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        if log_dir is not None:
+            board = Path(log_dir).parent.parent
+            print(f"Logs: {log_dir} (watch them: tensorboard --logdir {board})", file=sys.stderr)
+        print(f"Checkpoints: {folder}", file=sys.stderr)
 
     def after_fit(self) -> None:
         """Where everything went, the final metrics, and what to run next."""
@@ -213,9 +231,18 @@ class TSALightningCLI(LightningCLI):
 def end_of_run(trainer: Trainer) -> str:
     lines = [f"Run finished at step {trainer.global_step}."]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    shown = [k for k in ("val/bpc", "val/hard/bpc", "val/tlops_saved_executed") if k in metrics]
+    names = {
+        "val/hard/bpc": "hard-mode bpc",
+        "val/tlops_saved_executed": "TLOps saved",
+        "val/flops_saved": "FLOPs saved",
+    }
+    shown = [f"{label} {metrics[k]:.4f}" for k, label in names.items() if k in metrics]
+    shares = [metrics[k] for k in sorted(metrics, key=block_number) if k.startswith("executed/val/block_")]
+    if shares:
+        shown.append(f"mean blocks per token {sum(shares):.2f} of {len(shares)}")
+        shown.append("each block ran for " + " ".join(f"{share:.0%}" for share in shares))
     if shown:
-        lines.append("  last validation: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+        lines.append("  last validation: " + ", ".join(shown))
     last = last_checkpoint(trainer)
     if last is not None and last.path.is_file():
         lines.append(f"  final state:     {last.path}")
@@ -245,6 +272,10 @@ def checkpoint_folder(config) -> Path | None:
     if args is None or "save_dir" not in args:
         return None
     return Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
+
+
+def block_number(tag: str) -> int:
+    return int(tag.rsplit("_", 1)[-1]) if tag[-1].isdigit() else -1
 
 
 def resumes_own_run(config) -> bool:
@@ -501,8 +532,32 @@ def one_line(e: BaseException, command: str) -> str:
     return explained(str(e))
 
 
+class LightningNotes(logging.Filter):
+    """Drops Lightning's notes that concern nothing the user did: an advertisement, and the loading
+    default it picks for checkpoints, which this package writes itself."""
+
+    DROPPED = ("💡 Tip:", "`weights_only` was not set")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(note in record.getMessage() for note in self.DROPPED)
+
+
+def quiet_lightning() -> None:
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, LightningNotes) for f in logger.filters):
+            logger.addFilter(LightningNotes())
+    warnings.filterwarnings("ignore", message=".*treespec.*")  # inside Lightning, about a torch internal
+    # a resumed run's own folder is not empty; a new run over another's is refused before this
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+
 def main(args: list[str] | None = None) -> None:
     """Bad input ends in one line that says what to fix; TSA_TRACEBACK=1 shows the traceback instead."""
+    quiet_lightning()
     argv = sys.argv[1:] if args is None else args
     if not argv or argv[0] in ("-h", "--help"):
         overview().parse_args(argv)

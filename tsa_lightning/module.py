@@ -29,21 +29,32 @@ STAGES = ("val", "test")
 class TSALanguageModel(L.LightningModule):
     """A character/byte language model whose tokens choose their own depth.
 
-    `config` is the network (`TSAConfig`; a dict when read back from a checkpoint). Training args:
-    AdamW (decay on matrices only), linear warmup then cosine decay to min_lr by step, and the
-    variant's depth loss (TSA: the paper's `depth_loss_weight * mean(1 - p)`, which pushes routers
-    towards skipping). `alphabet` (None: bytes) travels with the checkpoint so samples can be decoded.
-    `compile` runs the training forward (dense, masked: no data-dependent shapes) through
-    torch.compile; evaluation and the sparse hard mode stay eager.
+    Optimisation is AdamW (decay on matrices only) with linear warmup, then cosine decay to
+    `min_learning_rate` by the last step. Compute budgets (TSA): `BudgetThreshold` (budget.py) sets
+    the skip threshold that holds the budget; `skip_threshold` is the one evaluation and sampling
+    use, and `config.skip_threshold` is never rewritten.
 
-    Compute budgets (TSA): `compute_budget` is the share of routed token-block operations (blocks
-    1..L-1) that hard mode should run; `BudgetThreshold` (budget.py) sets the skip threshold that
-    holds it, moving a share `budget_momentum` of the way per step. `skip_threshold` is the one
-    evaluation and sampling use; `config.skip_threshold` is never rewritten.
-
-    Retrofitting: `init_from` names a dense checkpoint (routing "none") of the same trunk; training
-    starts from its weights with new routers, and `distill_weight` adds the KL divergence from the
-    dense model's next-token distribution to this model's.
+    Args:
+        config: the network (`TSAConfig`; a dict when read back from a checkpoint).
+        depth_loss_weight: weight of the paper's depth term `mean(1 - p)`, which pushes routers
+            towards skipping (0: none, as published).
+        learning_rate: peak learning rate, reached after `warmup_steps`.
+        min_learning_rate: learning rate at the last step.
+        warmup_steps: steps of linear warmup.
+        weight_decay: AdamW weight decay of the weight matrices.
+        betas: AdamW betas.
+        alphabet: the corpus's characters (set from the data; None: bytes); travels with the
+            checkpoint so that samples can be decoded.
+        compile: run the training forward through torch.compile (evaluation and the sparse hard
+            mode stay eager).
+        compute_budget: share of the routed token-blocks (blocks 1..L-1) that hard mode should run,
+            in (0, 1]; needs the straight-through gate. None: no budget.
+        budget_momentum: share of the way (in log-odds) the training threshold moves towards each
+            batch's budget-quantile of p.
+        init_from: a dense checkpoint (routing "none") of the same trunk to start from (retrofitting);
+            the routers are new.
+        distill_weight: weight of the KL divergence from the `init_from` model's next-token
+            distribution to this model's (0: no distillation).
     """
 
     def __init__(
@@ -219,6 +230,7 @@ class TSALanguageModel(L.LightningModule):
     def _log_evaluation(self, stage: str) -> None:
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
         metric = self.eval_compute[stage]
+        self.log(f"{stage}/step", float(self.global_step))  # the HParams table's step column
         self._log_compute(stage, metric.compute())
         metric.reset()
 
