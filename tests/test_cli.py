@@ -256,6 +256,11 @@ def test_validate_and_test_print_bpc_and_tlops(trained_run, subcommand, split):
     assert result.returncode == 0, result.stderr[-3000:]
     for metric in ("soft/bpc", "hard/bpc", "tlops_saved_paper", "tlops_saved_executed", "flops_saved"):
         assert f"{split}/{metric}" in result.stdout
+    # beside the training run, not a new version of it, at the step the checkpoint was trained to
+    logged = trained_run / f"runs/cpu/{subcommand}_step12"
+    assert f"Logged to runs/cpu/{subcommand}_step12" in result.stderr
+    assert [e.step for e in run_events(logged).Scalars(f"{split}/hard/bpc")] == [12]
+    assert not (trained_run / "runs/cpu/version_1").exists()
 
 
 def test_predict_reports_tokens_and_depths(trained_run):
@@ -267,8 +272,9 @@ def test_predict_reports_tokens_and_depths(trained_run):
         cwd=trained_run,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    written = list((trained_run / "runs/cpu").glob("version_*/predictions.jsonl"))
-    assert len(written) == 1
+    written = list((trained_run / "runs/cpu").glob("*/predictions.jsonl"))
+    assert [p.parent.name for p in written] == ["predict_step12"]
+    assert f"Wrote {Path('runs/cpu/predict_step12/predictions.jsonl')}" in result.stderr
     lines = [json.loads(line) for line in written[0].read_text().splitlines()]
     data = yaml.safe_load((trained_run / "runs/cpu/version_0/config.yaml").read_text())["data"]["init_args"]
     assert len(lines) == 2 * data["batch_size"] and [line["window"] for line in lines] == list(

@@ -26,6 +26,12 @@ from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig
 
 
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs scalars at: the global step in training, the checkpoint's step when
+    validating or testing one (set by the module)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def _tensorboard(trainer: L.Trainer):
     """The TensorBoard SummaryWriter, or None when the run logs elsewhere."""
     for logger in trainer.loggers:
@@ -144,7 +150,7 @@ class HaltingHistograms(L.Callback):
                 sum_squares=squares,
                 bucket_limits=edges[1:].tolist(),
                 bucket_counts=counts.tolist(),
-                global_step=trainer.global_step,
+                global_step=trainer.global_step if stage == "train" else logged_step(trainer),
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -224,7 +230,7 @@ class DepthMap(L.Callback):
         figure = self.render(
             glyphs, blocks_run(pl_module, snippet), pl_module.config, pl_module.skip_threshold
         )
-        writer.add_figure("depth_map/val", figure, global_step=trainer.global_step)
+        writer.add_figure("depth_map/val", figure, global_step=logged_step(trainer))
         plt.close(figure)
 
     def render(self, glyphs: list[str], depths: list[int], config: TSAConfig, threshold: float):
@@ -285,7 +291,7 @@ class HardSample(L.Callback):
         text = self.markdown(
             glyphs, blocks_run(pl_module, tokens), n_prompt, config, pl_module.skip_threshold
         )
-        writer.add_text("sample/val", text, global_step=trainer.global_step)
+        writer.add_text("sample/val", text, global_step=logged_step(trainer))
 
     def markdown(
         self, glyphs: list[str], depths: list[int], n_prompt: int, config: TSAConfig, threshold: float

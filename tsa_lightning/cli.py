@@ -175,14 +175,37 @@ class TSALightningCLI(LightningCLI):
             self.config[subcommand].model[key] = value
 
     def before_instantiate_classes(self) -> None:
-        """A resumed run continues its own log version: TensorBoard shows one run, not two."""
-        if self.subcommand != "fit" or self.saved is None:
+        """A resumed run continues its own log version: TensorBoard shows one run, not two. `validate`,
+        `test` and `predict` of a checkpoint log beside the training runs as `<command>_step<N>`."""
+        if self.saved is None:
             return
-        config = self.config.fit
+        config = self.config[self.subcommand]
         logger = config.trainer.logger
         args = logger.init_args if logger and hasattr(logger, "init_args") else None
-        if args is not None and "version" in args and args.version is None and resumes_own_run(config):
+        if args is None or "version" not in args or args.version is not None:
+            return
+        if self.subcommand != "fit":
+            args.version = f"{self.subcommand}_step{self.saved.get('global_step', 0)}"
+        elif resumes_own_run(config):
             args.version = self.saved.get("log_version")
+
+    def after_validate(self) -> None:
+        self.say_where_logged()
+
+    after_test = after_validate
+
+    def after_predict(self) -> None:
+        self.say_where_logged()
+        written = [c.path(self.trainer) for c in self.trainer.callbacks if isinstance(c, PredictionWriter)]
+        for path in written if self.trainer.is_global_zero else []:
+            print(f"Wrote {path}", file=sys.stderr)
+
+    def say_where_logged(self) -> None:
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        if self.trainer.is_global_zero and log_dir is not None:
+            print(
+                f"Logged to {log_dir} (tensorboard --logdir {Path(log_dir).parent.parent})", file=sys.stderr
+            )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Every run writes checkpoints atomically into its own folder and stops cleanly on a signal."""

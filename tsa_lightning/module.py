@@ -14,6 +14,7 @@ from torchmetrics import MetricCollection
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
 from tsa_lightning.budget import BudgetThreshold, check_budget
+from tsa_lightning.callbacks import logged_step
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
@@ -93,6 +94,7 @@ class TSALanguageModel(L.LightningModule):
         if distill_weight and init_from is None:
             raise ConfigError("distill_weight needs init_from: the dense checkpoint to distil from")
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
+        self.trained_steps = 0  # a loaded checkpoint's step
         self.codec = Codec(alphabet)
         # one collection per stage and mode, so that Lightning computes, syncs and resets each
         losses = MetricCollection({"loss": Nats(), "bpc": Bits(), "ppl": Perplexity()}, compute_groups=False)
@@ -230,7 +232,7 @@ class TSALanguageModel(L.LightningModule):
     def _log_evaluation(self, stage: str) -> None:
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
         metric = self.eval_compute[stage]
-        self.log(f"{stage}/step", float(self.global_step))  # the HParams table's step column
+        self.log(f"{stage}/step", float(logged_step(self.trainer)))  # the HParams table's step column
         self._log_compute(stage, metric.compute())
         metric.reset()
 
@@ -251,8 +253,18 @@ class TSALanguageModel(L.LightningModule):
             sync_dist=True,
         )
 
+    def on_validation_start(self) -> None:
+        """`validate` and `test` of a checkpoint log at the step it was trained to, not at 0."""
+        if self.trainer.state.fn != "fit":
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = (
+                self.trained_steps
+            )  # Lightning's log step
+
+    on_test_start = on_validation_start
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
+        self.trained_steps = int(checkpoint.get("global_step", 0))
         if "budget.running" in checkpoint["state_dict"] and self.budget is None:
             raise ConfigError(
                 "the checkpoint was trained with a compute budget; give the run's compute_budget "
