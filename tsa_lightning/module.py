@@ -8,7 +8,6 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
 from tsa_lightning.accounting import ComputeReport, report
@@ -21,7 +20,7 @@ from tsa_lightning.errors import ConfigError, TrainingDiverged
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
 from tsa_lightning.model import Mode, Routing, TSAConfig, TSATransformer
-from tsa_lightning.runs import read_checkpoint
+from tsa_lightning.retrofit import distillation_kl, load_dense_trunk
 
 MODES = ("soft", "hard")
 STAGES = ("val", "test")
@@ -141,9 +140,8 @@ class TSALanguageModel(L.LightningModule):
             )
         if self.teacher is not None:
             with torch.no_grad():
-                target = F.log_softmax(self.teacher(x)[0].float(), dim=-1)
-            student = F.log_softmax(logits.float(), dim=-1)
-            kl = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+                teacher_logits = self.teacher(x)[0]
+            kl = distillation_kl(teacher_logits, logits)
             total = total + self.hparams.distill_weight * kl
             self.log("train/distill_kl", kl)
         if routing.halt_probs is not None and self.global_step % self.trainer.log_every_n_steps == 0:
@@ -337,28 +335,3 @@ class TSALanguageModel(L.LightningModule):
         threshold = self.skip_threshold if threshold is None else threshold
         out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode, compile)
         return self.codec.decode(out[0][len(idx) :])
-
-
-def load_dense_trunk(path: str, config: TSAConfig) -> TSATransformer:
-    """The dense model a retrofit starts from, refused in one line unless its trunk is this model's."""
-    checkpoint = read_checkpoint(path)
-    dense_config = TSAConfig(**checkpoint["hyper_parameters"]["config"])
-    if dense_config.routing != "none":
-        raise ConfigError(
-            f"init_from {path} is a {dense_config.routing!r} model; retrofitting starts from a dense one "
-            "(routing: none)"
-        )
-    different = [
-        f"{name}={getattr(dense_config, name)!r} (this model: {getattr(config, name)!r})"
-        for name in dense_config.mismatches(config)
-        if name not in ("routing", "router_hidden", "mod_every")  # routing fields: the dense model has none
-    ]
-    if different:
-        raise ConfigError(
-            f"init_from {path} has another trunk: {', '.join(different)}; retrofit a dense "
-            "checkpoint of the same shape"
-        )
-    dense = TSATransformer(dense_config)
-    state = checkpoint["state_dict"]
-    dense.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return dense
