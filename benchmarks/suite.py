@@ -3,7 +3,7 @@
 A run is one `tsa-lightning fit` of a shape (configs/shapes/) with a variant overlay on top
 (configs/experiments/<suite>/<variant>.yaml), then its scoring on the test split: `tsa-lightning
 evaluate` (a threshold sweep, <out>/<variant>_seed<N>.json) or, for a compute budget, `tsa-lightning
-test` (the model at the threshold it calibrated, <out>/test/<variant>_seed<N>/version_*/metrics.csv).
+test` (the model at the threshold it calibrated, <out>/test/<variant>_seed<N>/test_step<S>/metrics.csv).
 `list` prints one shell line per run (fit, then its scoring), for xargs, a SLURM array or Ray;
 `merge` reads the scores of one or more folders and writes results.json, results.md and curves.png.
 
@@ -23,6 +23,7 @@ import argparse
 import csv
 import itertools
 import json
+import os
 import re
 import shlex
 import statistics
@@ -188,7 +189,7 @@ def read_runs(folder: Path, suite: Suite) -> list[dict]:
     the model at its own threshold (`test`'s CSV log for a budget, or the sweep's point there)."""
     scores = {p.stem: p for p in folder.glob("*_seed*.json") if NAME.fullmatch(p.stem)}
     tests = {
-        p.parent.parent.name: p for p in sorted(folder.glob("test/*/version_*/metrics.csv"), key=version)
+        p.parent.parent.name: p for p in sorted(folder.glob("test/*/*/metrics.csv"), key=os.path.getmtime)
     }
     runs = []
     for name in sorted(scores.keys() | tests.keys()):

@@ -2,9 +2,21 @@ import os
 import random
 from pathlib import Path
 
+import lightning as L
 import pytest
 
+from tsa_lightning.evaluation import QUIET
+
 REPO = Path(__file__).resolve().parents[1]
+# the tests' model: trains in seconds on a CPU (block_size is the data's)
+TINY = {"n_layer": 3, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+TINY_OPTIONS = [f"--model.config.{name}={value}" for name, value in TINY.items()]
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A Trainer that writes and prints nothing of its own (no logs, checkpoints or progress bar),
+    unless asked."""
+    return L.Trainer(**{**QUIET, **kwargs})
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-import lightning as L
 import pytest
 import torch
 from torch.nn import functional as F
 
+from tests.conftest import quiet_trainer
 from tests.test_model import TINY, tokens
 from tsa_lightning import TSAConfig
 from tsa_lightning.accounting import forward_flops
@@ -151,9 +151,7 @@ def test_mod_reports_only_its_causal_hard_mode(small_corpus):
             vocab_size=data.vocab_size, block_size=16, n_layer=3, n_head=2, n_embd=16, routing="mod"
         )
     )
-    trainer = L.Trainer(
-        limit_val_batches=2, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = quiet_trainer(limit_val_batches=2)
     trainer.validate(module, data, verbose=False)
     reported = set(trainer.callback_metrics)
     assert "val/hard/bpc" in reported and not [k for k in reported if k.startswith("val/soft/")]

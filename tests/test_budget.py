@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import write_corpus
+from tests.conftest import quiet_trainer, write_corpus
 from tests.test_model import tokens
 from tests.test_robustness import cli_error, fit_on
 from tsa_lightning.budget import BudgetThreshold, HaltQuantile
@@ -37,12 +37,8 @@ def train_with_budget(
     config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate="straight_through", **SHAPE)
     module = TSALanguageModel(config, compute_budget=budget, learning_rate=3e-3, warmup_steps=10)
     shares = Shares()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=1.0 if validate else 0,
         val_check_interval=steps if validate else None,
         num_sanity_val_steps=2,
@@ -74,7 +70,7 @@ def test_a_budget_drives_the_executed_share_to_it(corpus):
 
 def attached(module: TSALanguageModel) -> TSALanguageModel:
     """A module with a trainer at step 0, as inside a loop."""
-    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(module)
     module.trainer = trainer
     return module
@@ -153,7 +149,7 @@ def test_validating_again_without_training_refines_the_threshold_half_way():
 
 def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
     module, _ = train_with_budget(corpus, 0.5, steps=40)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(module)
     path = tmp_path / "budget.ckpt"
     trainer.save_checkpoint(path)
@@ -218,9 +214,7 @@ def test_a_retrofit_distils_from_the_dense_model(tmp_path):
     data = TextDataModule(str(write_corpus(tmp_path / "c.txt", alphabet="abcdefghij ")), block_size=32)
     config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate="straight_through", **SHAPE)
     module = TSALanguageModel(config, init_from=str(tmp_path / "dense.ckpt"), distill_weight=1.0)
-    trainer = L.Trainer(
-        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0
-    )
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, data)
     assert trainer.callback_metrics["train/distill_kl"] >= 0
     assert not any(name.startswith("teacher") for name in module.state_dict())  # never saved with the model

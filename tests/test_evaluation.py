@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import write_corpus
+from tests.conftest import quiet_trainer, write_corpus
 from tests.test_baselines import spread_predictors
 from tests.test_model import spread_routers
 from tsa_lightning.accounting import summarize, tally
@@ -37,14 +37,7 @@ def tiny_run(tmp_path, corpus, routing: str) -> str:
         mod_capacity=0.5,
     )
     model = TSALanguageModel(config, alphabet=data.alphabet, warmup_steps=1)
-    trainer = L.Trainer(
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=2,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=2, default_root_dir=tmp_path)
     trainer.fit(model, data)
     path = tmp_path / f"{routing}.ckpt"
     trainer.save_checkpoint(path)

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from tests.conftest import TINY as SHARED_TINY
 from tsa_lightning import TSAConfig, TSATransformer
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, report
 
-TINY = dict(vocab_size=11, block_size=16, n_layer=4, n_head=2, n_embd=16)
+TINY = {**SHARED_TINY, "vocab_size": 11, "block_size": 16, "n_layer": 4}  # four blocks: three routed
 
 
 def make(seed: int = 0, **overrides) -> TSATransformer:

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
+from tests.conftest import TINY as SHARED_TINY
 from tests.test_model import tokens
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
-TINY = {"vocab_size": 11, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+TINY = {**SHARED_TINY, "vocab_size": 11, "block_size": 16}
 
 
 def test_compiled_training_forward_matches_eager():

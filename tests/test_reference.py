@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.conftest import quiet_trainer
 from tsa_lightning.baselines import build_model
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import Block, TSAConfig
@@ -555,7 +556,7 @@ def test_a_checkpoint_with_another_n_head_is_refused_when_a_trainer_restores_it(
     other = TSALanguageModel(TSAConfig(**{**SHAPE, "n_head": 4}))
     other.load_state_dict(saved.state_dict())  # the weights alone fit
     data = DataLoader(TensorDataset(tokens(2, 8), tokens(2, 8, seed=2)), batch_size=2)
-    trainer = lightning.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     with pytest.raises(ValueError, match=r"n_head=2 \(this run: 4\)"):
         trainer.validate(other, data, ckpt_path=path, verbose=False)
 
@@ -563,7 +564,7 @@ def test_a_checkpoint_with_another_n_head_is_refused_when_a_trainer_restores_it(
 def test_a_shape_given_to_load_from_checkpoint_is_refused(tmp_path):
     """Lightning writes load_from_checkpoint's arguments over the saved hyperparameters before the
     module sees them: the check reads the network as saved, kept apart."""
-    trainer = lightning.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     saved = TSALanguageModel(TSAConfig(**SHAPE))
     trainer.strategy.connect(saved)
     path = tmp_path / "model.ckpt"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_OPTIONS
 from tests.test_cli import cli
 from tests.test_robustness import cli_error, fit_on
-from tests.test_scale import TINY, scalars
+from tests.test_scale import scalars
 from tsa_lightning import runs
 from tsa_lightning.baselines import build_model
 from tsa_lightning.cli import main
@@ -39,7 +39,7 @@ def resumable_fit(corpus) -> list[str]:
         "--data.init_args.block_size=16",
         "--data.init_args.batch_size=8",
         "--data.init_args.samples_per_epoch=96",  # 12 batches an epoch: the signal lands mid-epoch
-        *TINY,
+        *TINY_OPTIONS,
         "--trainer.max_steps=60",
         "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1",

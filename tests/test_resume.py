@@ -17,10 +17,9 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import REPO, write_corpus
+from tests.conftest import REPO, TINY_OPTIONS, quiet_trainer, write_corpus
 from tests.test_cli import cli
 from tests.test_robustness import cli_error
-from tests.test_scale import TINY
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import TSAConfig
@@ -36,7 +35,7 @@ def fit_args(corpus: Path, *extra: str) -> list[str]:
         f"--data.init_args.path={corpus}",
         "--data.init_args.block_size=16",
         "--data.init_args.batch_size=8",
-        *TINY,
+        *TINY_OPTIONS,
         "--trainer.limit_val_batches=2",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
@@ -88,13 +87,11 @@ def test_a_resume_point_exists_from_the_first_interval_whatever_save_top_k(tmp_p
             path = folder / "last.ckpt"
             seen[trainer.global_step] = step_of(path) if path.exists() else None
 
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=7,
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[Probe(), L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_top_k=0), last],
+        enable_checkpointing=True,
     )
     trainer.fit(model, data)
     assert seen == {0: None, 1: None, 2: None, 3: 3, 4: 3, 5: 3, 6: 6}
@@ -118,12 +115,9 @@ def test_a_run_that_stops_itself_saves_its_final_state(tmp_path, stop):
             "callbacks": [L.pytorch.callbacks.EarlyStopping("val/soft/loss", patience=0, mode="max")],
         },
     }[stop]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=10_000,
         limit_val_batches=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=True,
         **{**ends, "callbacks": [*ends.get("callbacks", []), last]},
     )

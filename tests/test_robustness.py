@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.conftest import REPO, write_corpus
+from tests.conftest import REPO, TINY_OPTIONS, quiet_trainer, write_corpus
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.errors import TrainingDiverged
@@ -15,7 +15,6 @@ from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 CPU_CONFIG = str(REPO / "configs" / "shakespeare_cpu.yaml")
-TINY_MODEL = ["--model.config.n_layer=2", "--model.config.n_head=2", "--model.config.n_embd=16"]
 
 
 def cli_error(*args: str) -> str:
@@ -36,7 +35,7 @@ def fit_on(path, tmp_path, *extra: str) -> list[str]:
         "--data.init_args.block_size=32",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         "--trainer.max_steps=2",
-        *TINY_MODEL,
+        *TINY_OPTIONS,
         *extra,
     ]
 
@@ -149,11 +148,10 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(small
         TSAConfig(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
     )
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=20,
-        logger=False,
-        enable_progress_bar=False,
         limit_val_batches=0,
+        enable_checkpointing=True,
         callbacks=[checkpoints, PoisonAt(step=5)],
     )
     with pytest.raises(TrainingDiverged, match="training loss became nan at step 5"):

@@ -11,18 +11,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_OPTIONS, quiet_trainer
 from tests.test_cli import cli
 from tsa_lightning.data import ContiguousWindows, TextDataModule
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
-
-TINY = [
-    "--model.config.n_layer=3",
-    "--model.config.n_head=2",
-    "--model.config.n_embd=16",
-    "--model.config.dropout=0.0",
-]
 
 
 def fit(corpus, strategy: str, devices: int, batch_size: int, **budget) -> dict:
@@ -35,17 +28,13 @@ def fit(corpus, strategy: str, devices: int, batch_size: int, **budget) -> dict:
         ),
         **budget,
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         strategy=strategy,
         devices=devices,
         max_steps=6,
         val_check_interval=6,
         check_val_every_n_epoch=None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, data)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -88,7 +77,7 @@ def test_ddp_through_the_real_cli(small_corpus, tmp_path, strategy):
         f"--data.init_args.path={small_corpus}",
         "--data.init_args.block_size=16",
         "--data.init_args.batch_size=4",
-        *TINY,
+        *TINY_OPTIONS,
         f"--trainer.strategy={strategy}",
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
@@ -120,7 +109,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path
         "--data.init_args.block_size=16",
         "--data.init_args.batch_size=8",
         "--data.init_args.samples_per_epoch=96",  # 12 batches an epoch: the kill lands mid-epoch
-        *TINY,
+        *TINY_OPTIONS,
         "--trainer.max_steps=40",
         "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1",

@@ -159,8 +159,8 @@ def plot_curves(
         xs = [1 - p["flops_saved"] for p in points]
         ys = [p["bpc"] for p in points]
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        if len(curves) == 1:
-            for p, x, y in zip(points, xs, ys, strict=True):
+        if len(curves) == 1:  # one sweep: each point says its threshold
+            for p, x, y in zip(points, xs, ys, strict=True) if "threshold" in points[0] else ():
                 ax.annotate(
                     f"{p['threshold']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
                 )
