@@ -394,7 +394,7 @@ def sample(
         threshold: skip threshold for hard mode, in [0, 1.01] (default: the trained model's).
         seed: random seed for sampling.
         compile: run the decoding steps through torch.compile (the first call compiles for
-            seconds; see the README's wall-clock section for when it pays).
+            seconds; docs/speed.md says when it pays).
     """
     check_range("max_new_tokens", max_new_tokens, 1)
     check_range("temperature", temperature, 0)
