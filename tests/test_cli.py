@@ -181,6 +181,8 @@ def test_custom_scalars_charts_find_their_tags(trained_run):
     per_block = charts["executed share of each block, train (what hard mode would run)"].multiline.tag
     matched = sorted(t for t in scalars if re.match(per_block[0], t))
     assert matched == [f"executed/train/block_{l}" for l in range(6)]
+    block_charts = next(category for category in layout.category if category.title == "each block").chart
+    assert len(block_charts) == 6  # one chart per block, its own colours
 
 
 def test_hparams_table_shows_final_quality_and_compute(trained_run):

@@ -56,6 +56,21 @@ LAYOUT = {
     },
     "quality": {"bits per character": ["Multiline", [r"train/bpc$", r"(val|test)/(soft|hard)/bpc$"]]},
 }
+
+
+def layout(n_layer: int) -> dict:
+    """LAYOUT, and one small chart per block: in a chart TensorBoard colours by run, not by tag, so
+    "which block skips" reads at a glance only block by block."""
+    blocks = {
+        f"block {l}: executed share, train / val / test": [
+            "Multiline",
+            [rf"executed/(train|val|test)/block_{l}$"],
+        ]
+        for l in range(n_layer)
+    }
+    return {**LAYOUT, "each block": blocks}
+
+
 # the HParams table's columns: the step reached, final hard-mode quality and compute, of validation and test
 HPARAM_METRICS = tuple(
     f"{stage}/{name}"
@@ -95,7 +110,7 @@ class Dashboard(L.Callback):
         if writer is None or writer.log_dir in self._written:
             return
         self._written.add(writer.log_dir)
-        writer.add_custom_scalars(LAYOUT)
+        writer.add_custom_scalars(layout(pl_module.config.n_layer))
         # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice,
         # and names with an underscore are LightningCLI's own
         flat: dict = {}
