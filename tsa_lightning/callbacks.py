@@ -18,12 +18,22 @@ import lightning as L
 import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig
+
+
+class TensorBoard(TensorBoardLogger):
+    """Lightning's TensorBoardLogger without its `epoch` chart: a run here is counted in steps, and
+    the chart would head two tabs."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({name: value for name, value in metrics.items() if name != "epoch"}, step)
 
 
 def logged_step(trainer: L.Trainer) -> int:
@@ -35,7 +45,7 @@ def logged_step(trainer: L.Trainer) -> int:
 def _tensorboard(trainer: L.Trainer):
     """The TensorBoard SummaryWriter, or None when the run logs elsewhere."""
     for logger in trainer.loggers:
-        if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+        if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
 

@@ -68,7 +68,7 @@ from tsa_lightning.runs import (
 
 TRAINER_DEFAULTS = {
     "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "class_path": "tsa_lightning.callbacks.TensorBoard",
         "init_args": {"save_dir": "runs", "name": "tsa", "default_hp_metric": False},
     },
     "max_steps": 5000,
