@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
@@ -126,17 +127,27 @@ class Dashboard(L.Callback):
         flat: dict = {}
         for name, value in pl_module.hparams.items():
             flat.update(value if isinstance(value, dict) else {name: value})  # model.config's fields by name
-        order = sorted(
-            flat, key=lambda name: HPARAM_LEAD.index(name) if name in HPARAM_LEAD else len(HPARAM_LEAD)
-        )
+        order = sorted(flat, key=lambda name: (name not in HPARAM_LEAD, name))
         params = {
             name: flat[name] if isinstance(flat[name], bool | int | float | str) else str(flat[name])
             for name in order
             if name != "alphabet" and not name.startswith("_")
         }
         # only the metric names are written; their values are the scalars the module logs
-        for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        experiment, *session = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))
+        for summary in (lead_with_variant_options(experiment), *session):
             writer.file_writer.add_summary(summary)
+
+
+def lead_with_variant_options(experiment):
+    """TensorBoard lists hyperparameters alphabetically, those marked as differing between runs
+    first: mark the ones that tell variants apart."""
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in HPARAM_LEAD
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return experiment
 
 
 class HaltingHistograms(L.Callback):
