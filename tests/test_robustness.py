@@ -170,3 +170,9 @@ def test_a_bug_keeps_its_traceback(small_corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(TextDataModule, "setup", broken)
     with pytest.raises(KeyError, match="an internal bug"):
         main([*fit_on(small_corpus, tmp_path), "--trainer.enable_progress_bar=false"])
+
+
+def test_a_missing_init_from_names_the_file_to_give(small_corpus, tmp_path):
+    missing = tmp_path / "dense.ckpt"
+    message = cli_error(*fit_on(small_corpus, tmp_path, f"--model.init_from={missing}"))
+    assert f"checkpoint {missing} does not exist" in message and "`last`" not in message
