@@ -89,7 +89,8 @@ HPARAM_METRICS = tuple(
     for name in ("step", "hard/bpc", "tlops_saved_executed", "flops_saved", "tlops_saved_paper")
 )
 # the options that tell the variants apart lead the HParams table
-HPARAM_LEAD = ("routing", "gate", "compute_budget", "depth_loss_weight", "n_layer", "n_embd")
+# (TensorBoard shows five at first: the variant's four options and the depth)
+HPARAM_LEAD = ("routing", "gate", "compute_budget", "depth_loss_weight", "n_layer")
 
 
 class Dashboard(L.Callback):
