@@ -13,7 +13,6 @@ from torchmetrics import MetricCollection
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
 from tsa_lightning.budget import BudgetThreshold, check_budget
-from tsa_lightning.callbacks import logged_step
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
@@ -230,7 +229,8 @@ class TSALanguageModel(L.LightningModule):
     def _log_evaluation(self, stage: str) -> None:
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
         metric = self.eval_compute[stage]
-        self.log(f"{stage}/step", float(logged_step(self.trainer)))  # the HParams table's step column
+        fitting = self.trainer.state.fn == "fit"  # the HParams table's step column: steps trained
+        self.log(f"{stage}/step", float(self.global_step if fitting else self.trained_steps))
         self._log_compute(stage, metric.compute())
         metric.reset()
 
