@@ -95,7 +95,7 @@ def test_early_exit_trains_on_the_mean_loss_over_exits():
     torch.testing.assert_close(loss + info.aux_loss, torch.stack(exits).mean())
 
 
-@pytest.mark.parametrize("capacity, every, T", [(0.125, 2, 16), (0.5, 1, 16), (0.3, 1, 7)])
+@pytest.mark.parametrize("capacity, every, T", [(0.125, 2, 16), (0.5, 1, 16), (0.3, 1, 7), (0.25, 3, 8)])
 def test_mod_capacity_is_honoured_exactly(capacity, every, T):
     model = make("mod", mod_capacity=capacity, mod_every=every)
     executed = model(tokens(B=4, T=T))[2].executed
@@ -104,6 +104,27 @@ def test_mod_capacity_is_honoured_exactly(capacity, every, T):
         per_sequence = executed[..., block].sum(dim=1)
         routed = block >= 1 and block % every == 0
         assert (per_sequence == (k if routed else T)).all(), block
+
+
+@pytest.mark.parametrize("every, blocks", [(1, [1, 2, 3, 4, 5, 6]), (2, [2, 4, 6]), (3, [3, 6]), (4, [4])])
+def test_mod_gates_every_mod_every_th_block(every, blocks):
+    assert make("mod", n_layer=7, mod_every=every).gated_blocks() == blocks
+    assert make("early_exit", n_layer=7).gated_blocks() == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_mod_reports_its_predictors_skip_probabilities_in_both_modes(mode):
+    """What training logs as the share hard mode would run: the predictor's p, one column per routed block."""
+    model = make("mod", mod_every=2)
+    spread_predictors(model)
+    idx = tokens(B=2)
+    with torch.no_grad():
+        halts = model(idx, idx, mode=mode)[2].halt_probs
+        x = model.blocks[0](model.wte(idx) + model.wpe(torch.arange(idx.size(1))))
+        x = model.blocks[1](x)  # block 1 is not routed
+        expected = model.predictors["1"](x)
+    assert halts.shape == (2, idx.size(1), 1)
+    torch.testing.assert_close(halts[..., 0], expected)
 
 
 def test_mod_predictor_routes_the_same_in_full_sequence_and_incremental_use():

@@ -6,6 +6,8 @@ import torch
 from tests.conftest import TINY as SHARED_TINY
 from tsa_lightning import TSAConfig, TSATransformer
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, report
+from tsa_lightning.errors import ConfigError
+from tsa_lightning.inference import generate_cached
 
 TINY = {**SHARED_TINY, "vocab_size": 11, "block_size": 16, "n_layer": 4}  # four blocks: three routed
 
@@ -209,6 +211,9 @@ def test_param_groups_decay_only_matrices():
         (dict(routing="moe"), "routing"),
         (dict(n_layer=1), "n_layer"),
         (dict(router_bias_init=float("nan")), "router_bias_init"),
+        (dict(mod_capacity=0.0), "mod_capacity"),
+        (dict(mod_capacity=1.5), "mod_capacity"),
+        (dict(routing="mod", mod_capacity=-0.1), "mod_capacity"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
@@ -216,12 +221,118 @@ def test_invalid_config_names_the_field(overrides, field):
         TSAConfig(**{**TINY, **overrides})
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(skip_threshold=0.0),  # every routed block skipped
+        dict(skip_threshold=1.0),  # none
+        dict(dropout=0.0),
+        dict(routing="mod", mod_capacity=1.0),  # every token runs every block
+        dict(routing="none", n_layer=1),  # a dense model routes nothing, so one block will do
+    ],
+)
+def test_every_bound_of_a_range_that_is_closed_is_accepted(overrides):
+    config = TSAConfig(**{**TINY, **overrides})
+    assert all(getattr(config, name) == value for name, value in overrides.items())
+
+
+@pytest.mark.parametrize("name, value", [("routing", "moe"), ("gate", "hard")])
+def test_an_unknown_choice_is_told_every_choice(name, value):
+    choices = {"routing": ("none", "tsa", "early_exit", "mod"), "gate": ("soft", "straight_through")}[name]
+    with pytest.raises(ConfigError) as error:
+        TSAConfig(**{**TINY, name: value})
+    assert all(repr(choice) in str(error.value) for choice in choices)
+
+
 def test_bad_forward_inputs():
     model = make()
     with pytest.raises(ValueError, match="mode"):
         model(tokens(), mode="fast")
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ValueError, match="sequence length 17 exceeds block_size 16"):
         model(tokens(T=17))
+    model.set_kv_cache(1, 16)
+    with pytest.raises(ValueError, match="sequence length 17 exceeds block_size 16"):
+        model(tokens(B=1, T=2), input_pos=15)  # positions 15 and 16
+    model.clear_kv_cache()
+
+
+def test_a_single_block_dense_model_trains_and_decodes():
+    model = make(routing="none", n_layer=1)
+    idx = tokens(B=2, T=6)
+    _, loss, routing = model(idx, targets=idx)
+    assert torch.isfinite(loss) and routing.executed.shape == (2, 6, 1)
+    prompts = [idx[0], idx[1, :3]]
+    cached = generate_cached(model, prompts, max_new_tokens=5, temperature=0)
+    for prompt, out in zip(prompts, cached, strict=True):
+        assert torch.equal(out, model.generate(prompt[None], 5, temperature=0)[0])
+
+
+def test_the_depth_term_is_the_mean_keep_weight():
+    """The paper's term mean(1 - p), over every token and router; the dense twin has none."""
+    model = make()
+    spread_routers(model)
+    routing = model(tokens())[2]
+    torch.testing.assert_close(model.depth_term(routing), (1 - routing.halt_probs).mean())
+    assert make(routing="none").depth_term(make(routing="none")(tokens())[2]) is None
+
+
+def test_tsa_gates_every_block_after_the_stem_and_the_dense_twin_none():
+    assert make().gated_blocks() == [1, 2, 3]
+    assert make(routing="none").gated_blocks() == []
+
+
+def test_a_bfloat16_model_keeps_its_stream_in_bfloat16_and_p_in_float32():
+    """p in bfloat16 would tie at a threshold: 8 bits of mantissa near 0.5 are steps of 1/256."""
+    model = make().to(torch.bfloat16)
+    spread_routers(model)
+    idx = tokens()
+    for mode in ("soft", "hard"):
+        logits, _, routing = model(idx, mode=mode)
+        assert logits.dtype == torch.bfloat16 and routing.halt_probs.dtype == torch.float32, mode
+    h = torch.randn(3, 16, TINY["n_embd"]).to(torch.bfloat16)
+    router = model.routers[0]
+    torch.testing.assert_close(router(h), torch.sigmoid(router.logit(h).float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_parameter_count_is_nanogpts_with_and_without_biases(bias):
+    """config.bias adds a bias to every linear layer and LayerNorm of the trunk; the head is tied."""
+    V, P, L, C, F = 11, 16, 4, 16, 64
+    norm = 2 * C if bias else C
+    linear_biases = (C + 2 * C + C + F + C) if bias else 0  # query, key/value, attention out, FFN in and out
+    block = norm + (C * C + 2 * C * C + C * C) + norm + (C * F + F * C) + linear_biases
+    dense = V * C + P * C + L * block + norm
+    assert make(routing="none", bias=bias).num_params() == dense
+    R = 16  # router width max(16, C // 4)
+    assert make(bias=bias).num_params() == dense + (L - 1) * (C * R + R + R + 1)
+
+
+def test_weights_start_as_gpt2s():
+    """N(0, 0.02) for every matrix and embedding, N(0, 0.02 / sqrt(2 L)) for the two residual
+    projections of each block, zero biases, unit LayerNorms; routers N(0, 0.02) with their output
+    bias at router_bias_init."""
+    torch.manual_seed(0)
+    model = TSATransformer(
+        TSAConfig(vocab_size=101, block_size=64, n_layer=8, n_head=4, n_embd=64, router_bias_init=-2.0)
+    )
+    residual = {id(m.weight) for b in model.blocks for m in (b.attn.proj, b.mlp.proj)}
+    router = {id(p) for p in model.routers.parameters()}
+    groups: dict[str, list[torch.Tensor]] = {"residual": [], "other": [], "router": []}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            w = module.weight
+            group = "router" if id(w) in router else "residual" if id(w) in residual else "other"
+            groups[group].append(w.detach().flatten())
+            if getattr(module, "bias", None) is not None and not name.endswith("out"):
+                assert torch.count_nonzero(module.bias) == 0, name
+        if isinstance(module, torch.nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+    stds = {"residual": 0.02 / math.sqrt(2 * 8), "other": 0.02, "router": 0.02}
+    for group, weights in groups.items():
+        w = torch.cat(weights)
+        assert w.std().item() == pytest.approx(stds[group], rel=0.04), group
+        assert abs(w.mean().item()) < 4 * stds[group] / math.sqrt(w.numel()), group
+    assert all(torch.all(r.out.bias == -2.0) for r in model.routers)
 
 
 def test_hard_mode_does_no_work_for_skipped_tokens():
@@ -257,3 +368,37 @@ def test_hard_mode_does_no_work_for_skipped_tokens():
     rows.clear()
     model(idx, mode="hard", threshold=0.0)  # every token skips every routed block
     assert set(rows) == {"0.attn.query", "0.attn.proj", "0.mlp", "0.attn.key_value"}
+
+
+def test_cached_decoding_does_no_work_for_skipped_tokens():
+    """One position per step: a block's query, output projection and FFN see exactly the rows that run
+    it (none when nobody does); keys and values are still made for every row."""
+    model = make()
+    spread_routers(model)
+    rows: dict[str, int] = {}
+
+    def counter(name):
+        def hook(module, inputs, output):
+            rows[name] = rows.get(name, 0) + inputs[0].numel() // inputs[0].size(-1)
+
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        for name, module in (("query", block.attn.query), ("proj", block.attn.proj), ("mlp", block.mlp)):
+            module.register_forward_hook(counter(f"{i}.{name}"))
+        block.attn.key_value.register_forward_hook(counter(f"{i}.key_value"))
+    B, idx = 8, tokens(B=8, T=16, seed=3)
+    model.set_kv_cache(B, 16)
+    model(idx[:, :4], mode="hard", input_pos=0)
+    shares = set()
+    for t in range(4, 16):
+        rows.clear()
+        threshold = 0.0 if t % 4 == 0 else 0.5  # every fourth step every token skips every routed block
+        executed = model(idx[:, t : t + 1], mode="hard", threshold=threshold, input_pos=t)[2].executed
+        for i in range(TINY["n_layer"]):
+            kept = int(executed[:, 0, i].sum())
+            shares.add(kept / B)
+            assert [rows.get(f"{i}.{name}", 0) for name in ("query", "proj", "mlp")] == [kept] * 3, (t, i)
+            assert rows[f"{i}.key_value"] == B
+    model.clear_kv_cache()
+    assert 0.0 in shares and any(0.5 < share < 1.0 for share in shares)  # none, and most but not all

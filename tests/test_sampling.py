@@ -1,0 +1,79 @@
+"""Drawing the next token: greedy at temperature 0, softmax(logits / temperature) otherwise, top_k
+keeping exactly the k most likely tokens."""
+
+import warnings
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from tsa_lightning.model import sample_next
+
+LOGITS = torch.tensor(
+    [
+        [2.0, 1.0, 0.0, -1.0, 0.5, 1.5, -0.5, 0.25],
+        [0.0, 3.0, 2.9, 2.8, -1.0, 2.7, 0.1, 0.2],  # a flat top: top_k's cut falls between near-equals
+    ]
+)
+
+
+def frequencies(logits: torch.Tensor, temperature: float, top_k: int | None, n: int = 20_000) -> torch.Tensor:
+    """How often each token of one row of logits is drawn, in n draws (one batch of n equal rows)."""
+    torch.manual_seed(0)
+    draws = sample_next(logits.expand(n, -1), temperature, top_k)
+    return torch.bincount(draws, minlength=logits.size(-1)).float() / n
+
+
+def support(logits: torch.Tensor, temperature: float, top_k: int | None, draws: int = 300) -> list[set[int]]:
+    """The tokens each row of a small batch ever draws."""
+    torch.manual_seed(0)
+    seen = [set() for _ in range(logits.size(0))]
+    for _ in range(draws):
+        for row, token in zip(seen, sample_next(logits, temperature, top_k).tolist(), strict=True):
+            row.add(token)
+    return seen
+
+
+def test_temperature_zero_is_greedy():
+    assert sample_next(LOGITS, 0, None).tolist() == [0, 1]
+    assert sample_next(LOGITS, 0, 3).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_tokens_are_drawn_from_the_softmax_of_the_logits_over_the_temperature(temperature):
+    expected = F.softmax(LOGITS[0] / temperature, dim=-1)
+    torch.testing.assert_close(frequencies(LOGITS[0], temperature, None), expected, atol=0.015, rtol=0)
+
+
+def test_top_k_draws_from_the_k_most_likely_tokens_in_their_own_proportions():
+    logits = LOGITS[0]
+    top = logits.topk(3).indices
+    expected = torch.zeros_like(logits)
+    expected[top] = F.softmax(logits[top], dim=-1)
+    torch.testing.assert_close(frequencies(logits, 1.0, 3), expected, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5])
+def test_top_k_keeps_exactly_the_k_largest_logits_of_each_row(top_k):
+    """Whatever the batch size (two rows here, fewer than k)."""
+    expected = [set(row.topk(top_k).indices.tolist()) for row in LOGITS]
+    assert support(LOGITS, 1.0, top_k) == expected
+
+
+def test_a_top_k_above_the_vocabulary_keeps_every_token():
+    assert support(LOGITS, 2.0, 20, draws=500) == [set(range(LOGITS.size(1)))] * 2
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
+def test_top_k_one_is_greedy_at_any_temperature(temperature):
+    torch.manual_seed(0)
+    for _ in range(20):
+        assert sample_next(LOGITS, temperature, 1).tolist() == [0, 1]
+
+
+def test_sampling_is_silent():
+    """No warning on any path: a sampling loop would print it once per token."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for temperature, top_k in ((0, None), (1.0, None), (0.7, 3)):
+            sample_next(LOGITS, temperature, top_k)
