@@ -151,14 +151,7 @@ def test_the_quantile_is_one_of_the_values_and_a_tiny_share_is_the_smallest():
     assert order_statistic(torch.tensor([0.7]), 0.3).item() == pytest.approx(0.7)
 
 
-STUCK_AT_ONE = pytest.mark.xfail(
-    strict=True,
-    reason="known bug: from 1.0 a step of momentum < ~0.4 lands within float32's last step below 1 "
-    "(the log-odds clamp sits at 1 - 1e-12), so the float32 running threshold stays 1.0 for ever",
-)
-
-
-@pytest.mark.parametrize("initial", [0.0, pytest.param(1.0, marks=STUCK_AT_ONE)])
+@pytest.mark.parametrize("initial", [0.0, 1.0])
 def test_a_threshold_starting_at_a_bound_steps_towards_the_quantile(initial):
     """skip_threshold may be 0 or 1, and the budget's running threshold starts there."""
     budget = BudgetThreshold(budget=0.5, momentum=0.1, initial=initial)

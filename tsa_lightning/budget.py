@@ -48,7 +48,7 @@ class HaltQuantile(Metric):
         count = round(self.share * values.numel())
         if count < values.numel():
             generator = torch.Generator().manual_seed(self.batches)
-            chosen = torch.randperm(values.numel(), generator=generator)[:count]
+            chosen = torch.randperm(values.numel(), generator=generator, device="cpu")[:count]
             values = values[chosen.to(values.device)]
         self.batches += 1
         self.values.append(values)
@@ -67,7 +67,8 @@ def order_statistic(values: Tensor, q: float) -> Tensor:
 def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
     """`threshold` moved a share of the way to `target` in log-odds, where p's drift into the
     sigmoid's tails is a steady walk, not a vanishing one."""
-    odds = [torch.logit(t.double(), eps=1e-12) for t in (threshold, target)]
+    # the top clamp is float32's last step below 1, so that a threshold held in float32 can leave 1
+    odds = [torch.logit(t.double().clamp(1e-12, 1 - 2**-24)) for t in (threshold, target)]
     return torch.sigmoid(odds[0].lerp(odds[1], share))
 
 
