@@ -387,7 +387,7 @@ class PredictionWriter(BasePredictionWriter):
 class RunProgressBar(TQDMProgressBar):
     """One bar over the run's optimizer steps, not one per epoch, with a short postfix.
 
-    After a resume it starts at the step reached, so its rate and time left are this session's.
+    After a resume it starts at the step reached, so its rate and time left are this process's.
     """
 
     SHOWN: ClassVar[dict[str, str]] = {
