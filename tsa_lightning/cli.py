@@ -180,8 +180,7 @@ class TSALightningCLI(LightningCLI):
         if self.saved is None:
             return
         config = self.config[self.subcommand]
-        logger = config.trainer.logger
-        args = logger.init_args if logger and hasattr(logger, "init_args") else None
+        args = logger_args(config)
         if args is None or "version" not in args or args.version is not None:
             return
         if self.subcommand != "fit":
@@ -201,11 +200,10 @@ class TSALightningCLI(LightningCLI):
             print(f"Wrote {path}", file=sys.stderr)
 
     def say_where_logged(self) -> None:
-        log_dir = getattr(self.trainer.logger, "log_dir", None)
-        if self.trainer.is_global_zero and log_dir is not None:
-            print(
-                f"Logged to {log_dir} (tensorboard --logdir {Path(log_dir).parent.parent})", file=sys.stderr
-            )
+        logged = where_logged(self.trainer)
+        if self.trainer.is_global_zero and logged is not None:
+            log_dir, board = logged
+            print(f"Logged to {log_dir} (tensorboard --logdir {board})", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Every run writes checkpoints atomically into its own folder and stops cleanly on a signal."""
@@ -237,9 +235,9 @@ class TSALightningCLI(LightningCLI):
                 "`--ckpt_path last`, or start a new run under another name "
                 "(--trainer.logger.init_args.name=...) or folder (--checkpoint.dirpath=...)."
             )
-        log_dir = getattr(self.trainer.logger, "log_dir", None)
-        if log_dir is not None:
-            board = Path(log_dir).parent.parent
+        logged = where_logged(self.trainer)
+        if logged is not None:
+            log_dir, board = logged
             print(f"Logs: {log_dir} (watch them: tensorboard --logdir {board})", file=sys.stderr)
         print(f"Checkpoints: {folder}", file=sys.stderr)
 
@@ -273,9 +271,9 @@ def end_of_run(trainer: Trainer) -> str:
     if best is not None and best.best_model_path:
         score = f" ({best.monitor} {float(best.best_model_score):.4f})" if best.best_model_score else ""
         lines.append(f"  best checkpoint: {best.best_model_path}{score}")
-    log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: that one waits for every rank
-    if log_dir is not None:
-        board = Path(log_dir).parent.parent
+    logged = where_logged(trainer)
+    if logged is not None:
+        log_dir, board = logged
         lines.append(f"  logs:            {log_dir}  (see them: tensorboard --logdir {board})")
     if last is not None and last.path.is_file():
         lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}")
@@ -290,11 +288,23 @@ def checkpoint_folder(config) -> Path | None:
     """
     if config.checkpoint.dirpath is not None:
         return Path(config.checkpoint.dirpath)
-    logger = config.trainer.logger
-    args = logger.init_args if logger and hasattr(logger, "init_args") else None
+    args = logger_args(config)
     if args is None or "save_dir" not in args:
         return None
     return Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
+
+
+def logger_args(config) -> Namespace | None:
+    """The logger's init_args in a parsed config (None: no logger, or one given as an object)."""
+    logger = config.trainer.logger
+    return logger.init_args if logger and hasattr(logger, "init_args") else None
+
+
+def where_logged(trainer: Trainer) -> tuple[str, Path] | None:
+    """The run's log folder and the folder to give `tensorboard --logdir` (not trainer.log_dir,
+    which waits for every rank)."""
+    log_dir = getattr(trainer.logger, "log_dir", None)
+    return None if log_dir is None else (log_dir, Path(log_dir).parent.parent)
 
 
 def block_number(tag: str) -> int:
@@ -472,7 +482,7 @@ def evaluate(
     )
     result = sweep(module.model, data, thresholds, split, trainer)
     result |= {
-        "step": int(read_checkpoint(ckpt_path).get("global_step", 0)),
+        "step": module.trained_steps,
         "unit": "byte" if module.codec.alphabet is None else "character",
         "trained_threshold": trained,
     }
@@ -550,7 +560,7 @@ def is_usage_error(e: BaseException) -> bool:
 def one_line(e: BaseException, command: str) -> str:
     if isinstance(e, ArgumentError):  # an unknown key or a wrong type, from the command line or a file
         return f"{explained(str(e))} (see `tsa-lightning {command} --help` for the options)"
-    if isinstance(e, OSError) and not isinstance(e, TSAError):  # a full disk, a read-only folder
+    if isinstance(e, OSError):  # a full disk, a read-only folder
         return describe_os_error(e)
     return explained(str(e))
 
