@@ -335,15 +335,9 @@ def test_weights_start_as_gpt2s():
     assert all(torch.all(r.out.bias == -2.0) for r in model.routers)
 
 
-def test_hard_mode_does_no_work_for_skipped_tokens():
-    """Count the rows each block's query, FFN and output projection see: exactly the kept tokens.
-
-    (Gathering always: a full sequence with most tokens kept would run the block for all.)
-    """
-    model = make()
-    for block in model.blocks:
-        block.run_for_all_above = 1.0
-    spread_routers(model)
+def rows_seen(model) -> dict[str, int]:
+    """Counts, from now on, the rows (tokens) each block's query, key/value and output projections and
+    FFN receive, by `<block>.attn.query`, `<block>.attn.key_value`, `<block>.attn.proj`, `<block>.mlp`."""
     rows: dict[str, int] = {}
 
     def counter(name):
@@ -353,10 +347,22 @@ def test_hard_mode_does_no_work_for_skipped_tokens():
         return hook
 
     for i, block in enumerate(model.blocks):
-        for part in ("query", "proj"):
+        for part in ("query", "key_value", "proj"):
             getattr(block.attn, part).register_forward_hook(counter(f"{i}.attn.{part}"))
         block.mlp.register_forward_hook(counter(f"{i}.mlp"))
-        block.attn.key_value.register_forward_hook(counter(f"{i}.attn.key_value"))
+    return rows
+
+
+def test_hard_mode_does_no_work_for_skipped_tokens():
+    """Count the rows each block's query, FFN and output projection see: exactly the kept tokens.
+
+    (Gathering always: a full sequence with most tokens kept would run the block for all.)
+    """
+    model = make()
+    for block in model.blocks:
+        block.run_for_all_above = 1.0
+    spread_routers(model)
+    rows = rows_seen(model)
     idx = tokens()
     executed = model(idx, mode="hard")[2].executed
     for i in range(TINY["n_layer"]):
@@ -375,18 +381,7 @@ def test_cached_decoding_does_no_work_for_skipped_tokens():
     it (none when nobody does); keys and values are still made for every row."""
     model = make()
     spread_routers(model)
-    rows: dict[str, int] = {}
-
-    def counter(name):
-        def hook(module, inputs, output):
-            rows[name] = rows.get(name, 0) + inputs[0].numel() // inputs[0].size(-1)
-
-        return hook
-
-    for i, block in enumerate(model.blocks):
-        for name, module in (("query", block.attn.query), ("proj", block.attn.proj), ("mlp", block.mlp)):
-            module.register_forward_hook(counter(f"{i}.{name}"))
-        block.attn.key_value.register_forward_hook(counter(f"{i}.key_value"))
+    rows = rows_seen(model)
     B, idx = 8, tokens(B=8, T=16, seed=3)
     model.set_kv_cache(B, 16)
     model(idx[:, :4], mode="hard", input_pos=0)
@@ -398,7 +393,8 @@ def test_cached_decoding_does_no_work_for_skipped_tokens():
         for i in range(TINY["n_layer"]):
             kept = int(executed[:, 0, i].sum())
             shares.add(kept / B)
-            assert [rows.get(f"{i}.{name}", 0) for name in ("query", "proj", "mlp")] == [kept] * 3, (t, i)
-            assert rows[f"{i}.key_value"] == B
+            parts = ("attn.query", "attn.proj", "mlp")
+            assert [rows.get(f"{i}.{name}", 0) for name in parts] == [kept] * 3, (t, i)
+            assert rows[f"{i}.attn.key_value"] == B
     model.clear_kv_cache()
     assert 0.0 in shares and any(0.5 < share < 1.0 for share in shares)  # none, and most but not all

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_OPTIONS
+from tests.conftest import REPO
 from tests.test_cli import cli
+from tests.test_resume import fit_args
 from tests.test_robustness import cli_error, fit_on
 from tests.test_scale import scalars
 from tsa_lightning import runs
@@ -31,21 +32,14 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 def resumable_fit(corpus) -> list[str]:
-    return [
-        "fit",
-        f"--config={REPO / 'configs' / 'shakespeare_cpu.yaml'}",
-        "--data=tsa_lightning.data.TextDataModule",
-        f"--data.init_args.path={corpus}",
-        "--data.init_args.block_size=16",
-        "--data.init_args.batch_size=8",
+    return fit_args(
+        corpus,
         "--data.init_args.samples_per_epoch=96",  # 12 batches an epoch: the signal lands mid-epoch
-        *TINY_OPTIONS,
         "--trainer.max_steps=60",
         "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1",
         "--last_checkpoint.every_n_train_steps=5",
-        *QUIET,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")
