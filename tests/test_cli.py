@@ -306,6 +306,14 @@ def test_sample_from_checkpoint(trained_run, mode, capsys):
     assert capsys.readouterr().out.startswith("ROMEO:")
 
 
+def test_compiled_sampling_prints_no_compiler_notes(trained_run):
+    """Skipping tokens break the compiled graph and recompile it per block: expected, so not shown."""
+    ckpt = "runs/cpu/checkpoints/last.ckpt"
+    result = cli("sample", f"--ckpt_path={ckpt}", "--compile=true", "--max_new_tokens=40", cwd=trained_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip() == "[hard mode, KV-cache decoding, compiled]", result.stderr
+
+
 def test_sample_command_line(trained_run):
     result = cli(
         "sample", "--ckpt_path=runs/cpu/checkpoints/last.ckpt", "--max_new_tokens=25", cwd=trained_run

@@ -412,6 +412,8 @@ def sample(
     check_range("threshold", threshold, 0, MAX_THRESHOLD)
     module = load_checkpoint(ckpt_path).eval()
     torch.manual_seed(seed)
+    if compile:  # skipping is data-dependent: dynamo's notes on the graph breaks and recompiles it
+        torch._logging.set_logs(dynamo=logging.ERROR)  # causes are expected, nothing for a user to act on
     mode = mode or module.model.trained_mode
     text = module.sample(prompt, max_new_tokens, temperature, top_k, mode, threshold, compile)
     print(f"[{mode} mode, KV-cache decoding{', compiled' if compile else ''}]", file=sys.stderr)
