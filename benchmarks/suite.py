@@ -76,6 +76,7 @@ SUITES = suites()
 CONTROL = "tsa_router_at_init"  # scored at its own threshold only, compared with nothing
 RETROFIT = "retrofit_"  # variants that start from the same seed's `dense` run (stage 2)
 SWEEP = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95, 0.99, 1.01]  # a routed model's thresholds, besides its own
+ELASTIC = [1.0, 0.85, 0.7, 0.5]  # an elastic model's budgets, besides its lowest trained one
 BASELINES = ("early_exit", "mod", "mod_capacity_0.5")  # compared at equal FLOPs along their sweeps
 TRAINING_ONLY = ("seed", "samples_per_epoch", "num_workers")  # data options scoring does not take
 NAME = re.compile(r"(?P<variant>.+)_seed(?P<seed>\d+)")
@@ -121,7 +122,8 @@ def run_lines(suite: Suite, variant: str, seeds: list[int], args, extra: list[st
             fit.append(
                 f"--model.init_from={args.out / 'runs' / f'dense_seed{seed}' / 'checkpoints' / 'last.ckpt'}"
             )
-        if model["compute_budget"] is not None:  # scored where it calibrated its threshold
+        elastic = model.get("elastic_budgets")
+        if model["compute_budget"] is not None and not elastic:  # scored where it calibrated its threshold
             score = [
                 "test",
                 *files,
@@ -135,6 +137,9 @@ def run_lines(suite: Suite, variant: str, seeds: list[int], args, extra: list[st
             own = model["config"]["skip_threshold"]
             routed = model["config"]["routing"] != "none"
             thresholds = [own] if variant == CONTROL else sorted({*SWEEP, own}) if routed else [1.0]
+            sweep = [f"--thresholds={cli_value(thresholds)}"]
+            if elastic:  # each budget at the threshold its calibration table gives
+                sweep = [f"--budgets={cli_value(sorted({*ELASTIC, elastic[0]}, reverse=True))}"]
             score = [
                 "evaluate",
                 f"--ckpt_path={ckpt}",
@@ -145,7 +150,7 @@ def run_lines(suite: Suite, variant: str, seeds: list[int], args, extra: list[st
                     if value is not None and key not in TRAINING_ONLY
                 ),
                 "--split=test",
-                f"--thresholds={cli_value(thresholds)}",
+                *sweep,
                 f"--out_dir={args.out}",
                 f"--name={name}",
             ]

@@ -82,7 +82,7 @@ def test_the_threshold_follows_routers_that_collapse_towards_zero():
     torch.manual_seed(0)
     for scale in [*torch.logspace(0, -6, 100), *[1e-6] * 40]:  # p shrinks 10^6-fold, then settles
         halts = torch.rand(8, 32, SHAPE["n_layer"] - 1) * scale
-        module.follow_budget(Routing(halts, None))
+        module.follow_budget(Routing(halts, None), module.train_threshold(len(halts)))
     executed = (halts <= module.skip_threshold).float().mean()
     assert 0 < module.skip_threshold < 1e-5
     assert abs(executed - 0.7) < 0.05

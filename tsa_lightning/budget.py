@@ -1,7 +1,8 @@
 """Holding a straight-through TSA model to a compute budget: the share of routed token-blocks it runs.
 
-`BudgetThreshold` owns the skip thresholds. Training's follows the budget-quantile of p batch by
-batch; validation calibrates the one that evaluation and sampling use on the whole split.
+`BudgetThreshold` owns the skip thresholds of one budget. Training's follows the budget-quantile of
+p batch by batch; validation calibrates the one that evaluation and sampling use on the whole split.
+`ElasticBudget` trains a whole range of budgets at once (elastic depth) and serves any budget in it.
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ class BudgetThreshold(nn.Module):
 
     def follow(self, halt_probs: Tensor) -> None:
         """One training step: move towards the budget-quantile of the global batch's p."""
+        if self.budget >= 1.0:  # the whole network: nothing skips, whatever p is
+            self.running.fill_(1.0)
+            return
         self.running.copy_(toward(self.running, order_statistic(halt_probs, self.budget), self.momentum))
 
     def calibrate(self) -> float:
@@ -134,10 +138,94 @@ class BudgetThreshold(nn.Module):
         routers see: a second and third validation of a finished model step half-way (in log-odds)
         from the last threshold to the new quantile, which settles where the share is the budget.
         """
-        quantile = self.val_quantile.compute()
-        if self.calibrated_now:
+        quantile = torch.tensor(1.0) if self.budget >= 1.0 else self.val_quantile.compute()
+        if self.calibrated_now and self.budget < 1.0:
             quantile = toward(self.calibrated, quantile, 0.5)
         self.calibrated.fill_(float(quantile))
         self.calibrated_from.copy_(self.running)
         self.val_quantile.reset()
         return float(self.calibrated)
+
+
+GRID_STEP = 0.05  # an elastic model's thresholds are calibrated every GRID_STEP of budget
+
+
+def budget_grid(low: float, high: float) -> list[float]:
+    """`low`, `high` and the multiples of GRID_STEP between them."""
+    inner = range(math.floor(low / GRID_STEP + 1e-9) + 1, math.ceil(high / GRID_STEP - 1e-9))
+    return [low, *(round(k * GRID_STEP, 10) for k in inner), high]
+
+
+def check_elastic(budgets: list[float], default: float | None) -> tuple[float, float]:
+    """The trained range (low, high) of `elastic_budgets`, refused in one line when it is not one."""
+    if len(budgets) != 2 or not 0.0 < budgets[0] < budgets[1] <= 1.0:
+        raise ConfigError(
+            f"elastic_budgets must be [lowest, highest] budget with 0 < lowest < highest <= 1, got {budgets}"
+        )
+    if default is not None and not budgets[0] <= default <= budgets[1]:
+        raise ConfigError(
+            f"compute_budget {default} is outside elastic_budgets {budgets}: it is the budget evaluation "
+            "and sampling use by default, so it must be one the model was trained for"
+        )
+    return budgets[0], budgets[1]
+
+
+class ElasticBudget(nn.Module):
+    """The skip thresholds of a model trained for every budget in a range at once (elastic depth).
+
+    Each training step spreads the grid's budgets over the batch's rows (row r trains grid point
+    (r + step) mod G): every step trains the smallest and the largest budget beside the ones between
+    (the sandwich rule, in one pass), every rank draws the same budgets, and no random stream is
+    touched. Each grid point is a `BudgetThreshold` that follows the quantile of its own rows' p and
+    is calibrated on the validation split in its own hard-mode pass; a budget between grid points
+    interpolates the neighbours' thresholds (linearly: log-odds would crowd towards budget 1.0's
+    threshold of 1). `budget` is the one evaluation and sampling
+    use unless asked for another.
+    """
+
+    def __init__(
+        self, low: float, high: float, momentum: float, initial: float, budget: float | None
+    ) -> None:
+        super().__init__()
+        self.budgets = budget_grid(low, high)
+        self.budget = high if budget is None else budget
+        self.points = nn.ModuleList(BudgetThreshold(b, momentum, initial) for b in self.budgets)
+
+    def rows(self, batch_size: int, step: int) -> Tensor:
+        """The grid point each row of this step's batch trains."""
+        return (torch.arange(batch_size) + step) % len(self.budgets)
+
+    def row_thresholds(self, batch_size: int, step: int) -> Tensor:
+        """Training's threshold for each row (B,)."""
+        running = torch.stack([point.running for point in self.points])
+        return running[self.rows(batch_size, step).to(running.device)]
+
+    def row_budgets(self, batch_size: int, step: int) -> Tensor:
+        return torch.tensor(self.budgets)[self.rows(batch_size, step)]
+
+    def follow(self, halt_probs: Tensor, step: int) -> None:
+        """Each grid point moves towards the quantile of its rows' p, over the global batch (ranks first)."""
+        halt_probs = halt_probs.reshape(-1, *halt_probs.shape[-3:])
+        rows = self.rows(halt_probs.size(1), step).to(halt_probs.device)
+        for g, point in enumerate(self.points):
+            if (rows == g).any():
+                point.follow(halt_probs[:, rows == g])
+
+    def threshold_at(self, budget: float) -> float:
+        """Hard mode's threshold for any budget in the trained range."""
+        low, high = self.budgets[0], self.budgets[-1]
+        if not low - 1e-9 <= budget <= high + 1e-9:
+            raise ConfigError(f"budget {budget} is outside the trained range [{low}, {high}] of this model")
+        upper = next(g for g, b in enumerate(self.budgets) if b >= budget - 1e-9)
+        if upper == 0 or abs(self.budgets[upper] - budget) < 1e-9:
+            return self.points[upper].threshold
+        lower = upper - 1
+        share = (budget - self.budgets[lower]) / (self.budgets[upper] - self.budgets[lower])
+        return (1 - share) * self.points[lower].threshold + share * self.points[upper].threshold
+
+    @property
+    def threshold(self) -> float:
+        return self.threshold_at(self.budget)
+
+    def calibrate(self) -> list[float]:
+        return [point.calibrate() for point in self.points]

@@ -24,6 +24,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from tsa_lightning.evaluation import curve_figure
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig
 
@@ -69,9 +70,10 @@ LAYOUT = {
 }
 
 
-def layout(n_layer: int) -> dict:
+def layout(n_layer: int, budgets: list[float] | None = None) -> dict:
     """LAYOUT, and one small chart per block: in a chart TensorBoard colours by run, not by tag, so
-    "which block skips" reads at a glance only block by block."""
+    "which block skips" reads at a glance only block by block. An elastic model's `budgets` add one
+    chart of validation bpc at a few of them: the whole trade-off improving, not one point."""
     blocks = {
         f"block {l}: executed share, train / val / test": [
             "Multiline",
@@ -79,7 +81,16 @@ def layout(n_layer: int) -> dict:
         ]
         for l in range(n_layer)
     }
-    return {**LAYOUT, "each block": blocks}
+    charts = {**LAYOUT, "each block": blocks}
+    if budgets:
+        shown = [b for b in budgets if round(b, 2) in SHOWN_BUDGETS] + budgets[:1]
+        tags = [rf"val/budget_{b:.2f}/bpc$" for b in sorted(set(shown), reverse=True)]
+        chart = "bits per token at budgets 1 to lowest, val"
+        charts["quality"] = {**LAYOUT["quality"], chart: ["Multiline", tags]}
+    return charts
+
+
+SHOWN_BUDGETS = (1.0, 0.85, 0.7, 0.5)  # an elastic model's budgets charted, besides its lowest
 
 
 # the HParams table's columns: the step reached, final hard-mode quality and compute, of validation and test
@@ -122,7 +133,8 @@ class Dashboard(L.Callback):
         if writer is None or writer.log_dir in self._written:
             return
         self._written.add(writer.log_dir)
-        writer.add_custom_scalars(layout(pl_module.config.n_layer))
+        budgets = getattr(pl_module.budget, "budgets", None)  # an elastic model's
+        writer.add_custom_scalars(layout(pl_module.config.n_layer, budgets))
         # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice,
         # and names with an underscore are LightningCLI's own
         flat: dict = {}
@@ -295,6 +307,32 @@ class DepthMap(L.Callback):
             fontsize=9,
         )
         return figure
+
+
+class BudgetCurve(L.Callback):
+    """An elastic model's validation bpc against executed FLOPs, one point per grid budget, drawn at
+    each validation: every operating point of the one network, as it trains."""
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        writer = _tensorboard(trainer)
+        budgets = getattr(pl_module.budget, "budgets", None)
+        if writer is None or trainer.sanity_checking or budgets is None:
+            return
+        metrics = trainer.callback_metrics
+        points = [
+            {
+                "budget": b,
+                "bpc": float(metrics[f"val/budget_{b:.2f}/bpc"]),
+                "flops_saved": float(metrics[f"val/budget_{b:.2f}/flops_saved"]),
+            }
+            for b in budgets
+        ]
+        step = logged_step(trainer)
+        title = f"every budget, validation at step {step}"
+        figure = curve_figure({"elastic": points}, title=title, unit=pl_module.codec.unit)
+        writer.add_figure("budgets/val", figure, global_step=step)
+        plt.close(figure)
 
 
 class HardSample(L.Callback):

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.callbacks import (
+    BudgetCurve,
     Dashboard,
     DepthMap,
     HaltingHistograms,
@@ -102,6 +103,7 @@ class TSALightningCLI(LightningCLI):
         parser.add_lightning_class_args(Dashboard, "dashboard")
         parser.add_lightning_class_args(HaltingHistograms, "halting_histograms")
         parser.add_lightning_class_args(DepthMap, "depth_map")
+        parser.add_lightning_class_args(BudgetCurve, "budget_curve")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(HardSample, "hard_sample")
         # the best checkpoint by the metric; `last.ckpt` is LastCheckpoint's alone (added after it,
@@ -390,6 +392,7 @@ def sample(
     threshold: float | None = None,
     seed: int = 1337,
     compile: bool = False,
+    budget: float | None = None,
 ) -> str:
     """Print text sampled from a checkpoint with the KV-cache decoder.
 
@@ -402,6 +405,8 @@ def sample(
         mode: "soft" (every block runs) or "hard" (tokens skip blocks); default: the mode the model
             was trained for (hard for a straight-through gate, early exit and Mixture-of-Depths).
         threshold: skip threshold for hard mode, in [0, 1.01] (default: the trained model's).
+        budget: an elastic checkpoint's budget (a share of the routed blocks run) to decode at,
+            within the range it was trained for (default: its compute_budget).
         seed: random seed for sampling.
         compile: run the decoding steps through torch.compile (the first call compiles for
             seconds; docs/speed.md says when it pays).
@@ -411,6 +416,9 @@ def sample(
     check_range("top_k", top_k, 1)
     check_range("threshold", threshold, 0, MAX_THRESHOLD)
     module = load_checkpoint(ckpt_path).eval()
+    if budget is not None and threshold is not None:
+        raise ConfigError("give --budget or --threshold, not both: a budget sets the threshold")
+    threshold = module.threshold_at(budget) if budget is not None else threshold
     torch.manual_seed(seed)
     if compile:  # skipping is data-dependent: dynamo's notes on the graph breaks and recompiles it
         torch._logging.set_logs(dynamo=logging.ERROR)  # causes are expected, nothing for a user to act on
@@ -433,11 +441,12 @@ def evaluate(
     devices: int | str = "auto",
     precision: str | None = None,
     reference: str | None = None,
+    budgets: list[float] | None = None,
 ) -> dict:
     """Sweep the skip threshold of a checkpoint: hard-mode bpc against executed compute.
 
     The sweep includes the checkpoint's own threshold (a budget's calibrated one, say), marked as
-    the trained operating point in the table and the plot.
+    the trained operating point in the table and the plot. An elastic checkpoint is swept by budget.
 
     Args:
         ckpt_path: a checkpoint written by `fit`.
@@ -452,11 +461,13 @@ def evaluate(
         precision: Lightning precision for the sweep (e.g. "bf16-mixed"; default full precision).
         reference: a dense checkpoint (the dense twin, or a smaller dense model) scored on the same
             split and drawn as one point beside the curve.
+        budgets: budgets to score an elastic checkpoint at (trained with elastic_budgets), each at
+            the threshold its calibration table gives; without --thresholds, only these are swept.
     """
     if split not in ("val", "test"):
         raise ConfigError(f"--split must be 'val' or 'test', got {split!r}")
     check_range("limit_batches", limit_batches, 1)
-    thresholds = thresholds or DEFAULT_THRESHOLDS
+    thresholds = thresholds or ([] if budgets else DEFAULT_THRESHOLDS)
     for threshold in thresholds:
         check_range("thresholds", threshold, 0, MAX_THRESHOLD)
     if data is None:
@@ -473,7 +484,8 @@ def evaluate(
     if dense is not None:
         same_vocabulary(dense, data)
     trained = None if module.config.routing == "none" else module.skip_threshold
-    thresholds = sorted({*thresholds, *([trained] if trained is not None else [])})
+    at_budget = {budget: module.threshold_at(budget) for budget in budgets or []}
+    thresholds = sorted({*thresholds, *at_budget.values(), *([trained] if trained is not None else [])})
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -485,9 +497,11 @@ def evaluate(
     result = sweep(module.model, data, thresholds, split, trainer)
     result |= {
         "step": module.trained_steps,
-        "unit": "byte" if module.codec.alphabet is None else "character",
+        "unit": module.codec.unit,
         "trained_threshold": trained,
     }
+    for budget, threshold in at_budget.items():  # an elastic model's points say their budget
+        next(p for p in result["points"] if p["threshold"] == threshold)["budget"] = budget
     if dense is not None:
         full = dense_twin_flops(module.config, 1, 1)
         result["reference"] = {

@@ -53,6 +53,11 @@ class Codec:
     def vocab_size(self) -> int:
         return 256 if self.alphabet is None else len(self.alphabet)
 
+    @property
+    def unit(self) -> str:
+        """What one token is, as "bits per <unit>" names it."""
+        return "byte" if self.alphabet is None else "character"
+
     def encode(self, text: str) -> list[int]:
         if self.alphabet is None:
             return list(text.encode("utf-8"))

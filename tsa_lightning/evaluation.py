@@ -131,6 +131,7 @@ def markdown_table(result: dict) -> str:
     trained = result.get("trained_threshold")
     for p in result["points"]:
         mark = " (trained)" if trained is not None and p["threshold"] == trained else ""
+        mark += f" (budget {p['budget']:g})" if "budget" in p else ""
         lines.append(
             f"| {p['threshold']:.3g}{mark} | {p['bpc']:.4f} | {p['executed_tlops_saved']:.1%} | "
             f"{p['flops_saved']:.1%} | {p['paper_tlops_saved']:.1%} |"
@@ -138,9 +139,15 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(
+def plot_curves(curves: dict[str, list[dict]], path: Path, **options) -> None:
+    """`curve_figure`, saved as a PNG."""
+    figure = curve_figure(curves, **options)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def curve_figure(
     curves: dict[str, list[dict]],
-    path: Path,
     title: str = "",
     ymax: float | None = None,
     unit: str = "token",
@@ -151,8 +158,8 @@ def plot_curves(
     the far tails of threshold sweeps off so that the operating points stay readable.
 
     `trained`: a curve's trained threshold, marked with a star, and each point of a single curve is
-    labelled with its threshold. `references`: models drawn as one point each (FLOPs share, bpc),
-    e.g. the dense twin.
+    labelled with its budget (an elastic model's) or its threshold. `references`: models drawn as
+    one point each (FLOPs share, bpc), e.g. the dense twin.
     """
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, points in curves.items():
@@ -160,10 +167,10 @@ def plot_curves(
         ys = [p["bpc"] for p in points]
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
         if len(curves) == 1:  # one sweep: each point says its threshold
-            for p, x, y in zip(points, xs, ys, strict=True) if "threshold" in points[0] else ():
-                ax.annotate(
-                    f"{p['threshold']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
-                )
+            for p, x, y in zip(points, xs, ys, strict=True):
+                label = f"{p['threshold']:g}" if "threshold" in p else ""
+                label = f"budget {p['budget']:g}" if "budget" in p else label
+                ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if trained and name in trained:
             at = min(points, key=lambda p: abs(p["threshold"] - trained[name]))
             ax.plot(
@@ -185,8 +192,7 @@ def plot_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 def output_paths(out_dir: Path, name: str) -> list[Path]:

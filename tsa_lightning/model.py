@@ -325,7 +325,7 @@ class TSATransformer(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         mode: Mode = "soft",
-        threshold: float | None = None,
+        threshold: float | Tensor | None = None,
         input_pos: int | None = None,
     ) -> tuple[Tensor, Tensor | None, Routing]:
         """Returns (logits, loss or None, routing). `threshold` overrides config.skip_threshold.
@@ -380,7 +380,9 @@ class TSATransformer(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
+    def route(
+        self, i: int, x: Tensor, mode: Mode, threshold: float | Tensor, targets: Tensor | None
+    ) -> Decision:
         """TSA's decision for block i + 1, read from the state after block i."""
         if self.routers is None:
             return Decision()
@@ -393,8 +395,13 @@ class TSATransformer(nn.Module):
             keep = keep + (keep * kept.unsqueeze(-1) - keep).detach()
         return Decision(keep=keep, halt=p)
 
-    def skips(self, halt: Tensor, threshold: float) -> Tensor:
-        """Hard mode's rule: a token whose router says p > threshold skips the block."""
+    def skips(self, halt: Tensor, threshold: float | Tensor) -> Tensor:
+        """Hard mode's rule: a token whose router says p > threshold skips the block.
+
+        `threshold`: one for every token, or one per row (B,), as elastic training gives each row
+        of a batch its own budget."""
+        if isinstance(threshold, Tensor):
+            threshold = threshold.view(-1, *[1] * (halt.dim() - 1))
         return halt > threshold
 
     @staticmethod
@@ -406,14 +413,14 @@ class TSATransformer(nn.Module):
         """The block each column of `Routing.halt_probs` gates; logs name a router by this block."""
         return [i + 1 for i in self.routed(self.config)]
 
-    def hard_executed(self, halt_probs: Tensor, threshold: float) -> Tensor:
+    def hard_executed(self, halt_probs: Tensor, threshold: float | Tensor) -> Tensor:
         """Which token hard mode would run in which block (B, T, L), from the routers' outputs alone."""
         B, T, _ = halt_probs.shape
         executed = torch.ones(B, T, self.config.n_layer, dtype=torch.bool, device=halt_probs.device)
         executed[..., self.gated_blocks()] = ~self.skips(halt_probs, threshold)
         return executed
 
-    def executed_share(self, routing: Routing, threshold: float) -> Tensor:
+    def executed_share(self, routing: Routing, threshold: float | Tensor) -> Tensor:
         """The share of routed token-block operations that hard mode runs: what a compute budget controls."""
         return (~self.skips(routing.halt_probs, threshold)).float().mean()
 

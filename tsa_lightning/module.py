@@ -12,7 +12,7 @@ from torchmetrics import MetricCollection
 
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import BudgetThreshold, check_budget
+from tsa_lightning.budget import BudgetThreshold, ElasticBudget, check_budget, check_elastic
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
@@ -30,8 +30,9 @@ class TSALanguageModel(L.LightningModule):
 
     Optimisation is AdamW (decay on matrices only) with linear warmup, then cosine decay to
     `min_learning_rate` by the last step. Compute budgets (TSA): `BudgetThreshold` (budget.py) sets
-    the skip threshold that holds the budget; `skip_threshold` is the one evaluation and sampling
-    use, and `config.skip_threshold` is never rewritten.
+    the skip threshold that holds the budget, `ElasticBudget` those of a whole range of budgets;
+    `skip_threshold` is the one evaluation and sampling use, and `config.skip_threshold` is never
+    rewritten.
 
     Args:
         config: the network (`TSAConfig`; a dict when read back from a checkpoint).
@@ -47,7 +48,11 @@ class TSALanguageModel(L.LightningModule):
         compile: run the training forward through torch.compile (evaluation and the sparse hard
             mode stay eager).
         compute_budget: share of the routed token-blocks (blocks 1..L-1) that hard mode should run,
-            in (0, 1]; needs the straight-through gate. None: no budget.
+            in (0, 1]; needs the straight-through gate. None: no budget. With elastic_budgets: the
+            budget that evaluation and sampling use unless asked for another (default: the highest).
+        elastic_budgets: [lowest, highest] budget: train one network for every budget in the range
+            (elastic depth; needs the straight-through gate), and calibrate a threshold every 0.05
+            of budget at each validation. None: one budget, or none.
         budget_momentum: share of the way (in log-odds) the training threshold moves towards each
             batch's budget-quantile of p.
         init_from: a dense checkpoint (routing "none") of the same trunk to start from (retrofitting);
@@ -68,6 +73,7 @@ class TSALanguageModel(L.LightningModule):
         alphabet: str | None = None,
         compile: bool = False,
         compute_budget: float | None = None,
+        elastic_budgets: list[float] | None = None,
         budget_momentum: float = 0.1,
         init_from: str | None = None,
         distill_weight: float = 0.0,
@@ -82,13 +88,15 @@ class TSALanguageModel(L.LightningModule):
                 f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
             )
         self.model = build_model(self.config)
-        if compute_budget is not None:
+        self.budget: BudgetThreshold | ElasticBudget | None = None
+        initial = self.config.skip_threshold
+        if elastic_budgets is not None:
+            low, high = check_elastic(elastic_budgets, compute_budget)
+            check_budget(self.model, low, budget_momentum, depth_loss_weight)
+            self.budget = ElasticBudget(low, high, budget_momentum, initial, compute_budget)
+        elif compute_budget is not None:
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
-        self.budget = (
-            None
-            if compute_budget is None
-            else BudgetThreshold(compute_budget, budget_momentum, self.config.skip_threshold)
-        )
+            self.budget = BudgetThreshold(compute_budget, budget_momentum, initial)
         if distill_weight and init_from is None:
             raise ConfigError("distill_weight needs init_from: the dense checkpoint to distil from")
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
@@ -100,6 +108,10 @@ class TSALanguageModel(L.LightningModule):
             {f"{stage}_{mode}": losses.clone(prefix=f"{stage}/{mode}/") for stage in STAGES for mode in MODES}
         )
         self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in STAGES})
+        # an elastic model's validation scores every budget of its grid
+        grid = self.budget.budgets if isinstance(self.budget, ElasticBudget) else []
+        self.budget_bits = torch.nn.ModuleList(Bits() for _ in grid)
+        self.budget_compute = torch.nn.ModuleList(ComputeMetric(self.config) for _ in grid)
         # a compiled function, not a module: the state dict keeps one copy of the weights
         self.train_forward = torch.compile(self.model.forward) if compile else self.model.forward
 
@@ -122,19 +134,22 @@ class TSALanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
-        threshold = self.train_threshold  # this step's: the budget moves it after the forward
+        threshold = self.train_threshold(len(x))  # this step's: the budget moves it after the forward
         logits, loss, routing = self.train_forward(x, y, threshold=threshold)
         total = loss if routing.aux_loss is None else loss + routing.aux_loss
         keep = self.model.depth_term(routing)
         if keep is not None:
             total = total + self.hparams.depth_loss_weight * keep
         if self.budget is not None:
-            executed = self.follow_budget(routing)
+            executed = self.follow_budget(routing, threshold)
+            elastic = isinstance(self.budget, ElasticBudget)
             self.log_dict(
                 {
-                    "train/budget": self.hparams.compute_budget,
+                    "train/budget": self.budget.row_budgets(len(x), self.global_step).mean().item()
+                    if elastic
+                    else self.budget.budget,
                     "train/executed_share": executed,
-                    "train/skip_threshold": threshold,
+                    "train/skip_threshold": threshold.mean() if elastic else threshold,
                 }
             )
         if self.teacher is not None:
@@ -163,9 +178,11 @@ class TSALanguageModel(L.LightningModule):
             "halt_probs": None if routing.halt_probs is None else routing.halt_probs.detach(),
         }
 
-    @property
-    def train_threshold(self) -> float:
-        """The straight-through gate's threshold: the budget's running one, else the configured one."""
+    def train_threshold(self, batch_size: int) -> float | Tensor:
+        """The straight-through gate's threshold: the budget's running one (an elastic model's: one
+        per row, for the budget the row trains this step), else the configured one."""
+        if isinstance(self.budget, ElasticBudget):
+            return self.budget.row_thresholds(batch_size, self.global_step)
         return float(self.budget.running) if self.budget is not None else self.config.skip_threshold
 
     @property
@@ -173,13 +190,29 @@ class TSALanguageModel(L.LightningModule):
         """Hard mode's threshold in evaluation and sampling: the budget's, else the configured one."""
         return self.budget.threshold if self.budget is not None else self.config.skip_threshold
 
-    def follow_budget(self, routing: Routing) -> Tensor:
+    def follow_budget(self, routing: Routing, threshold: float | Tensor) -> Tensor:
         """Move the threshold towards the global batch's budget-quantile of p; returns the share this
         batch ran. One threshold on every rank: the quantile of the p of the whole global batch."""
-        executed = self.model.executed_share(routing, self.train_threshold).detach()
+        executed = self.model.executed_share(routing, threshold).detach()
         executed = self.trainer.strategy.reduce(executed, reduce_op="mean")
-        self.budget.follow(self.all_gather(routing.halt_probs.detach()))
+        halts = self.all_gather(routing.halt_probs.detach())
+        if isinstance(self.budget, ElasticBudget):
+            self.budget.follow(halts, self.global_step)
+        else:
+            self.budget.follow(halts)
         return executed
+
+    def threshold_at(self, budget: float | None) -> float:
+        """Hard mode's threshold for a budget (None: the model's own), from an elastic model's table."""
+        if budget is None:
+            return self.skip_threshold
+        if not isinstance(self.budget, ElasticBudget):
+            raise ConfigError(
+                "a budget can be chosen only for a model trained with elastic_budgets; this one runs "
+                + ("at its trained budget" if self.budget is not None else "at a skip threshold")
+                + ": choose a threshold instead (evaluate sweeps them), or train with --model.elastic_budgets"
+            )
+        return self.budget.threshold_at(budget)
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Routing]:
         x, y = batch
@@ -195,7 +228,9 @@ class TSALanguageModel(L.LightningModule):
             for name, metric in metrics.items():
                 self.log(name, metric, prog_bar=name.endswith("/bpc"))
         routings.setdefault("hard", routings.get("soft"))
-        if stage == "val" and self.budget is not None:
+        if stage == "val" and isinstance(self.budget, ElasticBudget):
+            self._evaluate_budgets(x, y)
+        elif stage == "val" and self.budget is not None:
             self.budget.val_quantile.update(routings["hard"].halt_probs, y != IGNORE_INDEX)
         # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
         soft = routings.get("soft", routings["hard"])
@@ -203,6 +238,17 @@ class TSALanguageModel(L.LightningModule):
             Routing(soft.halt_probs, routings["hard"].executed), y != IGNORE_INDEX
         )
         return routings
+
+    def _evaluate_budgets(self, x: Tensor, y: Tensor) -> None:
+        """An elastic model: one hard-mode pass per grid budget, which scores it and calibrates it."""
+        valid = y != IGNORE_INDEX
+        for point, bits, compute in zip(
+            self.budget.points, self.budget_bits, self.budget_compute, strict=True
+        ):
+            _, loss, routing = self.model(x, y, mode="hard", threshold=point.threshold)
+            point.val_quantile.update(routing.halt_probs, valid)
+            bits.update(loss, y)
+            compute.update(routing, valid)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
         return self._evaluate(batch, "val")
@@ -217,11 +263,34 @@ class TSALanguageModel(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
-        if self.budget is not None:
-            if self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
-                self.budget.val_quantile.reset()
-            else:
-                self.log("val/calibrated_threshold", self.budget.calibrate())
+        if isinstance(self.budget, ElasticBudget):
+            self._log_budgets()
+        if self.budget is None:
+            return
+        if self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
+            for point in getattr(self.budget, "points", [self.budget]):
+                point.val_quantile.reset()
+        elif isinstance(self.budget, ElasticBudget):
+            calibrated = self.budget.calibrate()
+            names = [f"val/budget_{b:.2f}/calibrated_threshold" for b in self.budget.budgets]
+            self.log_dict(dict(zip(names, calibrated, strict=True)))
+        else:
+            self.log("val/calibrated_threshold", self.budget.calibrate())
+
+    def _log_budgets(self) -> None:
+        """Each grid budget's bpc, FLOPs saved and routed share executed (at the thresholds it ran)."""
+        gated = self.model.gated_blocks()
+        for budget, bits, compute in zip(
+            self.budget.budgets, self.budget_bits, self.budget_compute, strict=True
+        ):
+            report = compute.compute()
+            shares = [report.executed_per_layer[b] for b in gated]
+            name = f"val/budget_{budget:.2f}"
+            self.log(f"{name}/bpc", bits.compute())
+            self.log(f"{name}/flops_saved", report.flops_saved)
+            self.log(f"{name}/routed_executed", sum(shares) / len(shares))
+            bits.reset()
+            compute.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
@@ -267,6 +336,13 @@ class TSALanguageModel(L.LightningModule):
             raise ConfigError(
                 "the checkpoint was trained with a compute budget; give the run's compute_budget "
                 "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
+            )
+        elastic = checkpoint["hyper_parameters"].get("elastic_budgets")
+        if elastic != self.hparams.elastic_budgets:
+            raise ConfigError(
+                f"the checkpoint was trained with elastic_budgets={elastic} (this run: "
+                f"{self.hparams.elastic_budgets}); use the run's own config.yaml or load it with "
+                "TSALanguageModel.load_from_checkpoint"
             )
         different = Codec(checkpoint["hyper_parameters"].get("alphabet")).difference(
             self.codec, ("the checkpoint", "the data")
@@ -328,10 +404,13 @@ class TSALanguageModel(L.LightningModule):
         mode: Mode | None = None,
         threshold: float | None = None,
         compile: bool = False,
+        budget: float | None = None,
     ) -> str:
-        """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for."""
+        """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for.
+
+        `budget` (an elastic model): run at that budget's threshold; `threshold` overrides both."""
         idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
         mode = mode or self.model.trained_mode
-        threshold = self.skip_threshold if threshold is None else threshold
+        threshold = self.threshold_at(budget) if threshold is None else threshold
         out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode, compile)
         return self.codec.decode(out[0][len(idx) :])
