@@ -18,7 +18,7 @@ from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 
-def fit(corpus, strategy: str, devices: int, batch_size: int, **budget) -> dict:
+def fit(corpus, strategy: str, devices: int, batch_size: int, callbacks=(), **budget) -> dict:
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), block_size=16, batch_size=batch_size, samples_per_epoch=128)
     gate = {"gate": "straight_through"} if budget else {}
@@ -35,6 +35,7 @@ def fit(corpus, strategy: str, devices: int, batch_size: int, **budget) -> dict:
         max_steps=6,
         val_check_interval=6,
         check_val_every_n_epoch=None,
+        callbacks=list(callbacks),
     )
     trainer.fit(model, data)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -173,13 +173,14 @@ def check_elastic(budgets: list[float], default: float | None) -> tuple[float, f
 class ElasticBudget(nn.Module):
     """The skip thresholds of a model trained for every budget in a range at once (elastic depth).
 
-    Each training step spreads the grid's budgets over the batch's rows (row r trains grid point
-    (r + step) mod G): every step trains the smallest and the largest budget beside the ones between
-    (the sandwich rule, in one pass), every rank draws the same budgets, and no random stream is
-    touched. Each grid point is a `BudgetThreshold` that follows the quantile of its own rows' p and
-    is calibrated on the validation split in its own hard-mode pass; a budget between grid points
-    interpolates the neighbours' thresholds (linearly: log-odds would crowd towards budget 1.0's
-    threshold of 1). `budget` is the one evaluation and sampling
+    Each training step spreads the grid's budgets over the global batch's rows (row r trains grid
+    point (r + step) mod G, counting the rows of lower ranks first): every step trains the smallest
+    and the largest budget beside the ones between (the sandwich rule, in one pass), every rank
+    knows every row's budget without talking to the others, DDP trains the budgets one process
+    would, and no random stream is touched. Each grid point is a `BudgetThreshold` that follows the
+    quantile of its own rows' p and is calibrated on the validation split in its own hard-mode
+    pass; a budget between grid points interpolates the neighbours' thresholds (linearly: log-odds
+    would crowd towards budget 1.0's threshold of 1). `budget` is the one evaluation and sampling
     use unless asked for another.
     """
 
@@ -191,25 +192,27 @@ class ElasticBudget(nn.Module):
         self.budget = high if budget is None else budget
         self.points = nn.ModuleList(BudgetThreshold(b, momentum, initial) for b in self.budgets)
 
-    def rows(self, batch_size: int, step: int) -> Tensor:
-        """The grid point each row of this step's batch trains."""
-        return (torch.arange(batch_size) + step) % len(self.budgets)
+    def rows(self, batch_size: int, step: int, rank: int = 0) -> Tensor:
+        """The grid point each row of a rank's share of this step's global batch trains."""
+        return (torch.arange(batch_size) + rank * batch_size + step) % len(self.budgets)
 
-    def row_thresholds(self, batch_size: int, step: int) -> Tensor:
-        """Training's threshold for each row (B,)."""
+    def row_thresholds(self, batch_size: int, step: int, rank: int = 0) -> Tensor:
+        """Training's threshold for each row (B,) of a rank's batch."""
         running = torch.stack([point.running for point in self.points])
-        return running[self.rows(batch_size, step).to(running.device)]
+        return running[self.rows(batch_size, step, rank).to(running.device)]
 
-    def row_budgets(self, batch_size: int, step: int) -> Tensor:
-        return torch.tensor(self.budgets)[self.rows(batch_size, step)]
+    def mean_budget(self, batch_size: int, step: int) -> float:
+        """The mean budget a global batch of `batch_size` rows trains at this step."""
+        return float(torch.tensor(self.budgets)[self.rows(batch_size, step)].mean())
 
     def follow(self, halt_probs: Tensor, step: int) -> None:
-        """Each grid point moves towards the quantile of its rows' p, over the global batch (ranks first)."""
-        halt_probs = halt_probs.reshape(-1, *halt_probs.shape[-3:])
-        rows = self.rows(halt_probs.size(1), step).to(halt_probs.device)
+        """Each grid point moves towards the quantile of its rows' p in the global batch: `halt_probs`
+        (B, T, L-1), or (ranks, B, T, L-1) as gathered."""
+        halt_probs = halt_probs.reshape(-1, *halt_probs.shape[-2:])
+        rows = self.rows(len(halt_probs), step).to(halt_probs.device)
         for g, point in enumerate(self.points):
             if (rows == g).any():
-                point.follow(halt_probs[:, rows == g])
+                point.follow(halt_probs[rows == g])
 
     def threshold_at(self, budget: float) -> float:
         """Hard mode's threshold for any budget in the trained range."""

@@ -141,17 +141,7 @@ class TSALanguageModel(L.LightningModule):
         if keep is not None:
             total = total + self.hparams.depth_loss_weight * keep
         if self.budget is not None:
-            executed = self.follow_budget(routing, threshold)
-            elastic = isinstance(self.budget, ElasticBudget)
-            self.log_dict(
-                {
-                    "train/budget": self.budget.row_budgets(len(x), self.global_step).mean().item()
-                    if elastic
-                    else self.budget.budget,
-                    "train/executed_share": executed,
-                    "train/skip_threshold": threshold.mean() if elastic else threshold,
-                }
-            )
+            self.log_dict(self.follow_budget(routing, threshold))
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(x)[0]
@@ -182,7 +172,7 @@ class TSALanguageModel(L.LightningModule):
         """The straight-through gate's threshold: the budget's running one (an elastic model's: one
         per row, for the budget the row trains this step), else the configured one."""
         if isinstance(self.budget, ElasticBudget):
-            return self.budget.row_thresholds(batch_size, self.global_step)
+            return self.budget.row_thresholds(batch_size, self.global_step, self.global_rank)
         return float(self.budget.running) if self.budget is not None else self.config.skip_threshold
 
     @property
@@ -190,17 +180,21 @@ class TSALanguageModel(L.LightningModule):
         """Hard mode's threshold in evaluation and sampling: the budget's, else the configured one."""
         return self.budget.threshold if self.budget is not None else self.config.skip_threshold
 
-    def follow_budget(self, routing: Routing, threshold: float | Tensor) -> Tensor:
-        """Move the threshold towards the global batch's budget-quantile of p; returns the share this
-        batch ran. One threshold on every rank: the quantile of the p of the whole global batch."""
+    def follow_budget(self, routing: Routing, threshold: float | Tensor) -> dict[str, float | Tensor]:
+        """Move the threshold towards the global batch's budget-quantile of p (one threshold on every
+        rank: the quantile of the p of the whole global batch); returns what to log: the budget, the
+        share this batch ran and the threshold (an elastic model: means over the rows)."""
         executed = self.model.executed_share(routing, threshold).detach()
         executed = self.trainer.strategy.reduce(executed, reduce_op="mean")
         halts = self.all_gather(routing.halt_probs.detach())
         if isinstance(self.budget, ElasticBudget):
             self.budget.follow(halts, self.global_step)
+            rows = len(routing.halt_probs) * self.trainer.world_size
+            budget, threshold = self.budget.mean_budget(rows, self.global_step), threshold.mean()
         else:
             self.budget.follow(halts)
-        return executed
+            budget = self.budget.budget
+        return {"train/budget": budget, "train/executed_share": executed, "train/skip_threshold": threshold}
 
     def threshold_at(self, budget: float | None) -> float:
         """Hard mode's threshold for a budget (None: the model's own), from an elastic model's table."""
@@ -337,12 +331,11 @@ class TSALanguageModel(L.LightningModule):
                 "the checkpoint was trained with a compute budget; give the run's compute_budget "
                 "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
             )
-        elastic = checkpoint["hyper_parameters"].get("elastic_budgets")
-        if elastic != self.hparams.elastic_budgets:
+        trained, this = checkpoint.get("elastic_budgets"), self.elastic_range
+        if trained != this:
             raise ConfigError(
-                f"the checkpoint was trained with elastic_budgets={elastic} (this run: "
-                f"{self.hparams.elastic_budgets}); use the run's own config.yaml or load it with "
-                "TSALanguageModel.load_from_checkpoint"
+                f"the checkpoint was trained with elastic_budgets={trained} (this run: {this}); use the "
+                "run's own config.yaml, or load it with TSALanguageModel.load_from_checkpoint"
             )
         different = Codec(checkpoint["hyper_parameters"].get("alphabet")).difference(
             self.codec, ("the checkpoint", "the data")
@@ -374,6 +367,13 @@ class TSALanguageModel(L.LightningModule):
                 f"weights became non-finite ({', '.join(broken[:3])}); checkpoint not written"
             )
         checkpoint["network"] = asdict(self.config)
+        checkpoint["elastic_budgets"] = self.elastic_range  # the table's grid, which loading may not change
+
+    @property
+    def elastic_range(self) -> list[float] | None:
+        """The range of budgets an elastic model was trained for."""
+        budgets = getattr(self.budget, "budgets", None)
+        return None if budgets is None else [budgets[0], budgets[-1]]
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,0 +1,278 @@
+"""Elastic depth: one network trained for every budget in a range, and served at any of them."""
+
+import re
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
+
+from tests.conftest import quiet_trainer, write_corpus
+from tests.test_resume import fit_args
+from tests.test_robustness import cli_error
+from tests.test_scale import fit
+from tsa_lightning.budget import ElasticBudget, budget_grid
+from tsa_lightning.cli import evaluate, main, sample
+from tsa_lightning.data import TextDataModule
+from tsa_lightning.errors import ConfigError
+from tsa_lightning.model import TSAConfig, TSATransformer
+from tsa_lightning.module import TSALanguageModel
+
+SHAPE = {"block_size": 32, "n_layer": 4, "n_head": 2, "n_embd": 32, "dropout": 0.0}
+RANGE = [0.3, 1.0]
+
+
+def elastic_data(corpus) -> TextDataModule:
+    return TextDataModule(str(corpus), block_size=32, batch_size=16)
+
+
+def train_elastic(
+    corpus, steps: int, val_every: int, ckpt_path=None, callbacks=()
+) -> tuple[TSALanguageModel, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    data = elastic_data(corpus)
+    config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate="straight_through", **SHAPE)
+    module = TSALanguageModel(
+        config, elastic_budgets=RANGE, learning_rate=3e-3, warmup_steps=10, alphabet=data.alphabet
+    )
+    trainer = quiet_trainer(
+        max_steps=steps,
+        limit_val_batches=4,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def table(module: TSALanguageModel) -> torch.Tensor:
+    """Every grid point's running, calibrated and calibrated-from threshold."""
+    points = module.budget.points
+    return torch.stack([torch.stack([p.running, p.calibrated, p.calibrated_from]) for p in points])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("elastic") / "corpus.txt", n_chars=40_000, words=True)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """An elastic model trained briefly, its table calibrated on the whole validation split."""
+    module, trainer = train_elastic(corpus, steps=300, val_every=300)
+    trainer.limit_val_batches = 1.0
+    trainer.validate(module, elastic_data(corpus), verbose=False)
+    path = tmp_path_factory.mktemp("elastic_ckpt") / "elastic.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def routed_share(module: TSALanguageModel, corpus, threshold: float) -> float:
+    """The share of routed token-blocks hard mode runs on the test split."""
+    data = elastic_data(corpus)
+    data.setup("test")
+    executed = []
+    with torch.no_grad():
+        for x, y in data.test_dataloader():
+            executed.append(module.model(x, y, mode="hard", threshold=threshold)[2].executed[..., 1:].float())
+    return float(torch.cat(executed).mean())
+
+
+def test_one_checkpoint_runs_each_budget_asked_for_within_tolerance(trained, corpus):
+    module = TSALanguageModel.load_from_checkpoint(trained).eval()
+    shares = {
+        budget: routed_share(module, corpus, module.threshold_at(budget)) for budget in (0.4, 0.62, 0.85)
+    }
+    for budget, share in shares.items():  # 0.62 lies between grid points
+        assert abs(share - budget) < 0.03, shares
+    assert module.threshold_at(1.0) == 1.0 and routed_share(module, corpus, 1.0) == 1.0
+
+
+def test_thresholds_interpolate_between_grid_points_and_a_budget_outside_is_refused(trained):
+    module = TSALanguageModel.load_from_checkpoint(trained)
+    budget = module.budget
+    assert budget.budgets == budget_grid(*RANGE) == [0.3, *(round(0.35 + 0.05 * k, 2) for k in range(14))]
+    for b, point in zip(budget.budgets, budget.points, strict=True):
+        assert budget.threshold_at(b) == point.threshold == float(point.calibrated)
+    low, high = budget.threshold_at(0.6), budget.threshold_at(0.65)
+    assert low < high and budget.threshold_at(0.62) == pytest.approx(0.6 * low + 0.4 * high)
+    assert module.skip_threshold == budget.threshold_at(1.0)  # no compute_budget: the highest
+    for outside in (0.2, 1.05):
+        with pytest.raises(ConfigError, match=r"outside the trained range \[0.3, 1.0\]"):
+            module.threshold_at(outside)
+
+
+class TableAtStart(L.Callback):
+    """The table as a resumed fit starts from it."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.table = table(pl_module).clone()
+
+
+def test_the_calibrated_table_is_saved_and_restored_exactly_on_resume(corpus, tmp_path):
+    first, trainer = train_elastic(corpus, steps=20, val_every=20)
+    saved = table(first)
+    assert torch.isfinite(saved).all() and not torch.equal(saved[:, 0], saved[:, 1])  # two kinds kept
+    trainer.save_checkpoint(tmp_path / "step20.ckpt")
+    assert torch.equal(table(TSALanguageModel.load_from_checkpoint(tmp_path / "step20.ckpt")), saved)
+    start = TableAtStart()
+    resumed, _ = train_elastic(
+        corpus, steps=30, val_every=10, ckpt_path=tmp_path / "step20.ckpt", callbacks=[start]
+    )
+    assert torch.equal(start.table, saved)
+    assert not torch.equal(table(resumed), saved)  # and training went on from it
+
+
+def test_a_checkpoint_is_refused_with_other_elastic_budgets(trained):
+    with pytest.raises(ConfigError, match=r"elastic_budgets=\[0.3, 1.0\] \(this run: \[0.5, 1.0\]\)"):
+        TSALanguageModel.load_from_checkpoint(trained, elastic_budgets=[0.5, 1.0])
+
+
+def test_rows_of_one_batch_run_at_their_own_thresholds():
+    """A threshold per row equals each row run alone at its own: in hard mode and in training's forward."""
+    torch.manual_seed(0)
+    model = TSATransformer(TSAConfig(vocab_size=11, routing="tsa", gate="straight_through", **SHAPE)).eval()
+    for router in model.routers:  # p spread across (0, 1), so that the thresholds below split tokens
+        torch.nn.init.normal_(router.out.weight, std=3.0)
+    x = torch.randint(0, 11, (3, 32))
+    p = model(x)[2].halt_probs
+    thresholds = torch.stack([p.quantile(0.3), p.quantile(0.7), torch.tensor(1.0)])
+    for mode in ("hard", "soft"):
+        logits, _, routing = model(x, mode=mode, threshold=thresholds)
+        for row, threshold in enumerate(thresholds.tolist()):
+            alone, _, own = model(x[row : row + 1], mode=mode, threshold=threshold)
+            torch.testing.assert_close(logits[row], alone[0])
+            decided = model.hard_executed(routing.halt_probs, thresholds)[row]
+            assert torch.equal(decided, model.hard_executed(own.halt_probs, threshold)[0])
+            if mode == "hard":
+                assert torch.equal(routing.executed[row], own.executed[0])
+    shares = model.hard_executed(routing.halt_probs, thresholds)[..., 1:].float().mean(dim=(1, 2))
+    assert shares[0] < shares[1] < shares[2] == 1.0
+
+
+def test_each_step_trains_every_grid_budget_and_follows_each_from_its_own_rows():
+    budget = ElasticBudget(0.3, 1.0, momentum=1.0, initial=0.5, budget=None)
+    grid = len(budget.budgets)
+    for step in (0, 5):
+        rows = budget.rows(32, step)
+        assert set(rows.tolist()) == set(range(grid))  # the smallest, the largest and all between
+        assert torch.equal(torch.cat([budget.rows(16, step, rank) for rank in (0, 1)]), rows)
+    halts = torch.rand(32, 8, 3)
+    budget.follow(halts, step=5)
+    rows = budget.rows(32, 5)
+    for g, point in enumerate(budget.points):
+        mine = halts[rows == g]
+        expected = (
+            1.0
+            if budget.budgets[g] == 1.0
+            else torch.kthvalue(mine.flatten(), round(budget.budgets[g] * mine.numel())).values
+        )
+        assert float(point.running) == pytest.approx(float(expected), rel=1e-6)
+
+
+class RanksAgree(L.Callback):
+    """Fails a step after which the ranks' tables differ: each rank's rows must train (and move) the
+    thresholds every other rank holds."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tables = pl_module.all_gather(table(pl_module))
+        assert tables.shape[0] == trainer.world_size == 2
+        torch.testing.assert_close(
+            tables[0], tables[1], rtol=0, atol=0, equal_nan=True
+        )  # NaN: not calibrated
+
+
+def test_under_ddp_every_rank_trains_with_the_same_budgets_and_thresholds(small_corpus):
+    budget = {"elastic_budgets": [0.4, 1.0], "budget_momentum": 1.0}
+    single = fit(small_corpus, "auto", 1, batch_size=8, **budget)
+    ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4, callbacks=[RanksAgree()], **budget)
+    assert ddp["train/budget"] == single["train/budget"]  # the global batch's rows train the same budgets
+    calibrated = [key for key in ddp if key.endswith("calibrated_threshold")]
+    assert len(calibrated) == len(budget_grid(0.4, 1.0))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"elastic_budgets": [0.5]}, "elastic_budgets must be"),
+        ({"elastic_budgets": [0.9, 0.5]}, "elastic_budgets must be"),
+        ({"elastic_budgets": [0.0, 1.0]}, "elastic_budgets must be"),
+        ({"elastic_budgets": [0.5, 1.2]}, "elastic_budgets must be"),
+        ({"elastic_budgets": [0.5, 1.0], "compute_budget": 0.3}, "outside elastic_budgets"),
+        ({"elastic_budgets": [0.5, 1.0], "depth_loss_weight": 0.1}, "not both"),
+    ],
+)
+def test_impossible_elastic_options_are_refused(options, message):
+    config = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)
+    with pytest.raises(ConfigError, match=message):
+        TSALanguageModel(config, **options)
+
+
+@pytest.mark.parametrize("change", [{"gate": "soft"}, {"routing": "none"}])
+def test_elastic_depth_needs_straight_through_tsa_routers(change):
+    config = TSAConfig(**{"routing": "tsa", "gate": "straight_through", **SHAPE, **change})
+    with pytest.raises(ConfigError):
+        TSALanguageModel(config, elastic_budgets=[0.5, 1.0])
+
+
+def test_a_budget_outside_the_trained_range_is_refused_in_one_line(trained):
+    message = cli_error("sample", f"--ckpt_path={trained}", "--budget=0.2", "--max_new_tokens=2")
+    assert "outside the trained range [0.3, 1.0]" in message
+
+
+def test_sample_budget_on_a_model_without_elastic_budgets_says_what_to_do_instead(corpus, tmp_path):
+    data = elastic_data(corpus)
+    module = TSALanguageModel(TSAConfig(vocab_size=data.vocab_size, routing="tsa", **SHAPE))
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "fixed.ckpt")
+    message = cli_error("sample", f"--ckpt_path={tmp_path / 'fixed.ckpt'}", "--budget=0.5")
+    assert "elastic_budgets" in message and "threshold" in message
+
+
+def test_sample_at_a_budget_decodes_at_the_threshold_its_table_gives(trained, capsys):
+    module = TSALanguageModel.load_from_checkpoint(trained)
+    common = {"ckpt_path": str(trained), "prompt": "a", "max_new_tokens": 40, "temperature": 0}
+    at_budget = sample(**common, budget=0.45)
+    assert at_budget == sample(**common, threshold=module.threshold_at(0.45))
+    with pytest.raises(ConfigError, match="not both"):
+        sample(**common, budget=0.45, threshold=0.5)
+
+
+def test_evaluate_scores_each_budget_at_its_calibrated_threshold(trained, corpus, tmp_path):
+    data = TextDataModule(str(corpus), block_size=32, batch_size=16)
+    result = evaluate(str(trained), data=data, budgets=[1.0, 0.5, 0.3], out_dir=str(tmp_path), name="e")
+    by_budget = {p["budget"]: p for p in result["points"] if "budget" in p}
+    assert sorted(by_budget) == [0.3, 0.5, 1.0]
+    assert len(result["points"]) == 3  # the budgets alone (the highest is the model's own)
+    for budget, point in by_budget.items():
+        routed = point["executed_per_layer"][1:]
+        assert abs(sum(routed) / len(routed) - budget) < 0.03, (budget, routed)
+    assert by_budget[0.3]["flops_saved"] > by_budget[0.5]["flops_saved"] > by_budget[1.0]["flops_saved"]
+    assert "(budget 0.5)" in (tmp_path / "e.md").read_text()
+
+
+def test_tensorboard_shows_every_budget_while_it_trains(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    args = fit_args(
+        corpus,
+        "--model.depth_loss_weight=0",
+        "--model.elastic_budgets=[0.45,1.0]",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    )
+    main(args)
+    events = EventAccumulator(str(tmp_path / "runs/shakespeare_cpu/version_0"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("budgets/val")] == [1, 3]  # each validation, at its step
+    proto = events.Tensors(custom_scalars_metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto
+    layout = layout_pb2.Layout.FromString(proto.string_val[0])
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    tags = charts["bits per token at budgets 1 to lowest, val"].multiline.tag
+    scalars = events.Tags()["scalars"]
+    shown = sorted(t for pattern in tags for t in scalars if re.match(pattern, t))
+    assert shown == [f"val/budget_{b}/bpc" for b in ("0.45", "0.50", "0.70", "0.85", "1.00")]
