@@ -191,7 +191,8 @@ def list_runs(args) -> None:
 
 def read_runs(folder: Path, suite: Suite) -> list[dict]:
     """The scored runs of a folder, each with its operating point: the point of a one-point sweep, else
-    the model at its own threshold (`test`'s CSV log for a budget, or the sweep's point there)."""
+    the model at its own threshold (`test`'s CSV log for a budget, or the sweep's point there). An
+    elastic run gives one row per budget it was scored at, named `<variant>_budget_<budget>`."""
     scores = {p.stem: p for p in folder.glob("*_seed*.json") if NAME.fullmatch(p.stem)}
     tests = {
         p.parent.parent.name: p for p in sorted(folder.glob("test/*/*/metrics.csv"), key=os.path.getmtime)
@@ -203,8 +204,11 @@ def read_runs(folder: Path, suite: Suite) -> list[dict]:
         variant, seed = NAME.fullmatch(name)["variant"], int(NAME.fullmatch(name)["seed"])
         model = variant_config(suite, variant)["model"]
         threshold = model["config"]["skip_threshold"]
+        budgets = [p for p in points if "budget" in p]
         if name in tests:
             point = test_point(tests[name])
+        elif budgets:
+            point = None
         elif len(points) == 1:
             point = points[0]
         elif model["compute_budget"] is not None:
@@ -218,18 +222,25 @@ def read_runs(folder: Path, suite: Suite) -> list[dict]:
             seconds, steps = score["train_seconds"], score["train_steps"]
         else:
             seconds, steps = training(folder / "runs" / name)
-        runs.append(
-            {
-                "variant": variant,
-                "seed": seed,
-                "date": score.get("date") or date.fromtimestamp(source.stat().st_mtime).isoformat(),
-                "train_seconds": seconds,
-                "train_steps": steps,
-                **point,
-                "curve": points if len(points) > 1 else None,
-            }
-        )
+        run = {
+            "variant": variant,
+            "seed": seed,
+            "date": score.get("date") or date.fromtimestamp(source.stat().st_mtime).isoformat(),
+            "train_seconds": seconds,
+            "train_steps": steps,
+        }
+        if budgets:
+            runs += [
+                {**run, **p, "variant": f"{variant}_budget_{p['budget']:g}", "curve": None} for p in budgets
+            ]
+        else:
+            runs.append({**run, **point, "curve": points if len(points) > 1 else None})
     return runs
+
+
+def variant_of(name: str, suite: Suite) -> str:
+    """The variant a row comes from: itself, or the elastic variant of `<variant>_budget_<budget>`."""
+    return name if name in suite.variants else name.rsplit("_budget_", 1)[0]
 
 
 def version(path: Path) -> int:
@@ -281,15 +292,22 @@ def merge(args) -> None:
     runs = [run for folder in args.folders for run in read_runs(folder, suite)]
     if not runs:
         raise SystemExit(f"error: no scored runs in {', '.join(map(str, args.folders))}")
-    unknown = sorted({r["variant"] for r in runs} - set(suite.variants))
+    unknown = sorted({variant_of(r["variant"], suite) for r in runs} - set(suite.variants))
     if unknown:
         raise SystemExit(f"error: {', '.join(unknown)} not in the {suite.name} suite")
     by_variant: dict[str, list[dict]] = {}
-    for variant in suite.variants:
+    names = {r["variant"] for r in runs}
+    ordered = [
+        name
+        for variant in suite.variants
+        for name in sorted(names, key=lambda n: -budget_of(n))
+        if variant_of(name, suite) == variant
+    ]
+    for variant in ordered:
         rows = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
         if len({r["seed"] for r in rows}) < len(rows):
             raise SystemExit(f"error: a seed of {variant} was scored twice; merge each run once")
-        flops, depth = full_depth_fractions(suite, variant)
+        flops, depth = full_depth_fractions(suite, variant_of(variant, suite))
         for row in rows:
             for point in [row, *(row["curve"] or [])]:  # compute relative to the full-depth dense twin
                 point["flops_saved"] = 1 - (1 - point["flops_saved"]) * flops
@@ -307,12 +325,38 @@ def merge(args) -> None:
         "summary": {name: summarize(rows) for name, rows in by_variant.items()},
     }
     results["comparisons"] = compare(results, suite)
+    results["training_cost"] = training_cost(results, suite)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     (args.out / "results.md").write_text(text)
     plot(results, suite, args.out / "curves.png")
     print(text)
+
+
+def budget_of(name: str) -> float:
+    """The budget a row's name ends with (1.0 for one that names none)."""
+    return float(name.rsplit("_budget_", 1)[1]) if "_budget_" in name else 1.0
+
+
+def training_cost(results: dict, suite: Suite) -> dict:
+    """Mean training seconds per seed: each elastic run against the dense twin and the dense family."""
+    seconds = {
+        variant_of(name, suite): statistics.mean(r["train_seconds"] for r in rows)
+        for name, rows in results["runs"].items()
+        if all(r["train_seconds"] is not None for r in rows)
+    }
+    family = [n for n in dense_family(results, suite) if n in seconds]
+    elastic = [v for v in seconds if variant_config(suite, v)["model"].get("elastic_budgets")]
+    if "dense" not in seconds or not elastic:
+        return {}
+    return {
+        "dense": seconds["dense"],
+        "dense_family": family,
+        "dense_family_sum": sum(seconds[n] for n in family),
+        **{v: seconds[v] for v in elastic},
+        **{f"{v}_vs_dense": seconds[v] / seconds["dense"] for v in elastic},
+    }
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -341,7 +385,11 @@ def family_curve(summary: dict, names) -> list[dict]:
 
 
 def dense_family(results: dict, suite: Suite) -> list[str]:
-    return [n for n in results["summary"] if variant_config(suite, n)["model"]["config"]["routing"] == "none"]
+    return [
+        n
+        for n in results["summary"]
+        if variant_config(suite, variant_of(n, suite))["model"]["config"]["routing"] == "none"
+    ]
 
 
 def compare(results: dict, suite: Suite) -> dict:
@@ -355,7 +403,7 @@ def compare(results: dict, suite: Suite) -> dict:
     for name, s in summary.items():
         if name in dense or name == CONTROL:
             continue
-        model = variant_config(suite, name)["model"]
+        model = variant_config(suite, variant_of(name, suite))["model"]
         flops = 1 - s["flops_saved"]["mean"]
         row = {
             "bpc": s["bpc"]["mean"],
@@ -370,9 +418,9 @@ def compare(results: dict, suite: Suite) -> dict:
                     v for r in runs[other] if r["curve"] and (v := interpolate(r["curve"], flops)) is not None
                 ]
                 row[f"{other}_bpc_at_equal_flops"] = statistics.mean(values) if values else None
-        if model["compute_budget"] is not None:
+        if model["compute_budget"] is not None or model.get("elastic_budgets"):
             shares = [r["routed_executed"] for r in runs[name]]
-            budget = model["compute_budget"]
+            budget = runs[name][0].get("budget", model["compute_budget"])
             row.update(
                 budget=budget, routed_executed=shares, budget_miss=max(abs(x - budget) for x in shares)
             )
@@ -415,11 +463,25 @@ def table(results: dict) -> str:
         )
         lines.append(
             f"| {name} | {c['bpc']:.4f} ({c['bpc_spread']:.4f}) | {c['vs_dense_twin']:+.2%} | "
-            f"{c['flops_saved']:.1%} | {bpc['smaller_dense_bpc_at_equal_flops']} | "
+            f"{c['flops_saved']:.1%} | {bpc['smaller_dense_bpc_at_equal_flops']}{versus(c)} | "
             f"{bpc.get('early_exit_bpc_at_equal_flops', '-')} | {bpc.get('mod_bpc_at_equal_flops', '-')} | "
             f"{budget} |"
         )
+    cost = results.get("training_cost") or {}
+    for variant in (v for v in cost if f"{v}_vs_dense" in cost):
+        lines += [
+            "",
+            f"Training: {variant} {cost[variant]:.0f} s per seed = {cost[f'{variant}_vs_dense']:.2f}x the "
+            f"dense twin's {cost['dense']:.0f} s; the dense family ({', '.join(cost['dense_family'])}) "
+            f"{cost['dense_family_sum']:.0f} s = {cost['dense_family_sum'] / cost['dense']:.2f}x.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def versus(comparison: dict) -> str:
+    """How far a model lies above (+) or below the smaller-dense curve at its FLOPs."""
+    dense = comparison["smaller_dense_bpc_at_equal_flops"]
+    return "" if dense is None else f" ({comparison['bpc'] / dense - 1:+.2%})"
 
 
 def plot(results: dict, suite: Suite, path: Path) -> None:

@@ -60,15 +60,16 @@ def test_a_suite_runs_its_commands_and_merges_them(tiny_shape, tmp_path, monkeyp
         "--extra",
         "--trainer.max_steps=3 --trainer.val_check_interval=3",
     ]  # the retrofit's 450 steps too
-    variants = ["--variants", "dense", "tsa_budget_0.7", "retrofit_budget_0.5"]
+    variants = ["--variants", "dense", "tsa_budget_0.7", "elastic", "retrofit_budget_0.5"]
     run("suite", *listed, *short, *variants, monkeypatch=monkeypatch)
-    dense, budget, retrofit = capsys.readouterr().out.splitlines()  # stage 1, then stage 2
+    dense, budget, elastic, retrofit = capsys.readouterr().out.splitlines()  # stage 1, then stage 2
     # a line is a shell command: fit, then its scoring (evaluate for a sweep, test for a budget)
     result = subprocess.run(["sh", "-c", dense], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test --config" in budget and "evaluate" not in budget
+    assert "--budgets=[1.0,0.85,0.7,0.5,0.35]" in elastic  # one checkpoint scored at every budget
     assert f"--model.init_from={out}/runs/dense_seed0/checkpoints/last.ckpt" in retrofit
-    for line in (budget, retrofit):
+    for line in (budget, elastic, retrofit):
         for command in line.split(" && "):  # in this process: the same arguments, without a second start-up
             cli_main(shlex.split(command)[len(shlex.split(CLI)) :])
     run(
@@ -85,8 +86,10 @@ def test_a_suite_runs_its_commands_and_merges_them(tiny_shape, tmp_path, monkeyp
     )
     table = (out / "results.md").read_text()
     rows = {line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")}
-    assert {"dense", "tsa_budget_0.7", "retrofit_budget_0.5"} <= rows
+    elastic_rows = {f"elastic_budget_{b}" for b in ("1", "0.85", "0.7", "0.5", "0.35")}
+    assert {"dense", "tsa_budget_0.7", "retrofit_budget_0.5", *elastic_rows} <= rows
     assert "(0.7) |" in table and "(0.5) |" in table  # budgets beside the share each ran
+    assert "Training: elastic " in table and "x the dense twin's" in table
     assert (out / "curves.png").is_file()
     merged = json.loads((out / "results.json").read_text())
     assert merged["runs"]["dense"][0]["train_steps"] == 3
