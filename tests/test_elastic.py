@@ -1,6 +1,7 @@
 """Elastic depth: one network trained for every budget in a range, and served at any of them."""
 
 import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -255,18 +256,24 @@ def test_evaluate_scores_each_budget_at_its_calibrated_threshold(trained, corpus
     assert "(budget 0.5)" in (tmp_path / "e.md").read_text()
 
 
-def test_tensorboard_shows_every_budget_while_it_trains(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.txt")
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> tuple[list[str], Path]:
+    """A short elastic fit through the CLI: its arguments and its run folder."""
+    root = tmp_path_factory.mktemp("elastic_cli")
     args = fit_args(
-        corpus,
+        write_corpus(root / "corpus.txt"),
         "--model.depth_loss_weight=0",
         "--model.elastic_budgets=[0.45,1.0]",
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=2",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
     )
     main(args)
-    events = EventAccumulator(str(tmp_path / "runs/shakespeare_cpu/version_0"), size_guidance={"images": 0})
+    return args, root / "runs" / "shakespeare_cpu"
+
+
+def test_tensorboard_shows_every_budget_while_it_trains(cli_run):
+    events = EventAccumulator(str(cli_run[1] / "version_0"), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("budgets/val")] == [1, 3]  # each validation, at its step
     proto = events.Tensors(custom_scalars_metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto
@@ -276,3 +283,17 @@ def test_tensorboard_shows_every_budget_while_it_trains(tmp_path):
     scalars = events.Tags()["scalars"]
     shown = sorted(t for pattern in tags for t in scalars if re.match(pattern, t))
     assert shown == [f"val/budget_{b}/bpc" for b in ("0.45", "0.50", "0.70", "0.85", "1.00")]
+
+
+def test_test_runs_an_elastic_checkpoint_at_the_budget_asked_for(cli_run, capsys):
+    args, run = cli_run
+    last = run / "checkpoints" / "last.ckpt"
+    routed = {}
+    for budget in (0.5, 1.0):
+        main(["test", *args[1:], f"--model.compute_budget={budget}", f"--ckpt_path={last}"])
+        printed = capsys.readouterr().out
+        saved = float(re.search(r"test/tlops_saved_executed\W+([-0-9.e]+)", printed).group(1))
+        routed[budget] = 1 - saved * 3 / 2  # 3 blocks, 2 of them routed
+    assert abs(routed[0.5] - 0.5) < 0.1 and routed[1.0] == 1.0, routed
+    message = cli_error("test", *args[1:], "--model.compute_budget=0.3", f"--ckpt_path={last}")
+    assert "compute_budget 0.3 is outside elastic_budgets [0.45, 1.0]" in message

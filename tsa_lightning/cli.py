@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.callbacks import (
+    SHOWN_BUDGETS,
     BudgetCurve,
     Dashboard,
     DepthMap,
@@ -266,6 +267,11 @@ def end_of_run(trainer: Trainer) -> str:
         shown.append("each block ran for " + " ".join(f"{share:.0%}" for share in shares))
     if shown:
         lines.append("  last validation: " + ", ".join(shown))
+    budgets = {k.split("/")[1].removeprefix("budget_"): v for k, v in metrics.items() if BUDGET_BPC.match(k)}
+    if budgets:  # an elastic model: the budgets its chart shows
+        shown = [b for b in budgets if float(b) in SHOWN_BUDGETS or b == min(budgets)]
+        each = ", ".join(f"{b} {budgets[b]:.4f}" for b in sorted(shown, reverse=True))
+        lines.append(f"  bpc by budget:   {each}")
     last = last_checkpoint(trainer)
     if last is not None and last.path.is_file():
         lines.append(f"  final state:     {last.path}")
@@ -278,8 +284,12 @@ def end_of_run(trainer: Trainer) -> str:
         log_dir, board = logged
         lines.append(f"  logs:            {log_dir}  (see them: tensorboard --logdir {board})")
     if last is not None and last.path.is_file():
-        lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}")
+        at = f" --budget {min(budgets)}" if budgets else ""
+        lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}{at}")
     return "\n".join(lines)
+
+
+BUDGET_BPC = re.compile(r"val/budget_[0-9.]+/bpc")
 
 
 def checkpoint_folder(config) -> Path | None:
