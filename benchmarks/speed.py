@@ -10,8 +10,9 @@ median of several repeats:
 - decode: KV-cache greedy decoding at batch 1 and 8, eager and compiled, against the FLOPs ideal;
 - skip_sweep: batch-8 decoding at forced skip rates (20-60%);
 - sample: `sample` of 500 tokens for both, and the dense twin's cache against full recomputation;
-- train: one training step (forward, backward, AdamW) of TSA (soft and straight-through gate), the
-  dense twin and a plain PyTorch GPT, at the pair's shape (dropout off);
+- train: one training step (forward, backward, AdamW) of TSA (soft and straight-through gate, and
+  elastic depth: a threshold per row, then every budget's quantile), the dense twin and a plain
+  PyTorch GPT, at the pair's shape (dropout off);
 - memory: peak memory of each forward (CUDA: the allocator's peak; CPU: the profiler's record).
 
     python benchmarks/speed.py --dense dense.ckpt --tsa tsa.ckpt --config configs/shapes/regime.yaml
@@ -34,6 +35,7 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from tsa_lightning.accounting import report
+from tsa_lightning.budget import ElasticBudget
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, TSATransformer
 from tsa_lightning.module import TSALanguageModel
@@ -248,20 +250,27 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
     }
     x = torch.randint(0, tsa_config.vocab_size, (batch, ctx), device=device)
 
-    def step(model):
+    def step(model, budget: ElasticBudget | None = None):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
+        steps = iter(range(10**9))
 
         def run():
-            out = model(x, x)
+            threshold = None if budget is None else budget.row_thresholds(batch, step := next(steps))
+            out = model(x, x, threshold=threshold) if budget is not None else model(x, x)
             loss = out if isinstance(out, torch.Tensor) else out[1]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if budget is not None:
+                budget.follow(out[2].halt_probs.detach(), step)
 
         return run
 
-    t = alternate({name: step(m) for name, m in models.items()}, repeats, device)
+    runs = {name: step(m) for name, m in models.items()}
+    elastic = ElasticBudget(0.35, 1.0, momentum=0.1, initial=0.5, budget=None).to(device)
+    runs["tsa_elastic"] = step(models["tsa_straight_through"], elastic)
+    t = alternate(runs, repeats, device)
     c = tsa_config
     return {
         "shape": f"{c.n_layer}x{c.n_embd}, {c.n_head} heads",
@@ -270,6 +279,7 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
         **{f"{name}_ms": 1e3 * v for name, v in t.items()},
         "soft_over_dense": t["tsa_soft"] / t["dense_twin"],
         "straight_through_over_dense": t["tsa_straight_through"] / t["dense_twin"],
+        "elastic_over_dense": t["tsa_elastic"] / t["dense_twin"],
         "dense_over_plain": t["dense_twin"] / t["plain_gpt"],
     }
 
@@ -352,15 +362,16 @@ def table(result: dict) -> str:
     if "train" in result:
         lines += [
             "",
-            "| training step | batch x ctx | TSA soft ms | TSA straight-through ms | dense twin ms "
-            "| plain GPT ms | soft/dense | ST/dense | dense/plain |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| training step | batch x ctx | TSA soft ms | TSA straight-through ms | elastic ms "
+            "| dense twin ms | plain GPT ms | soft/dense | ST/dense | elastic/dense | dense/plain |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in result["train"]:
             lines.append(
                 f"| {t['shape']} | {t['batch']}x{t['ctx']} | {t['tsa_soft_ms']:.1f} | "
-                f"{t['tsa_straight_through_ms']:.1f} | {t['dense_twin_ms']:.1f} | {t['plain_gpt_ms']:.1f} | "
-                f"{t['soft_over_dense']:.3f} | {t['straight_through_over_dense']:.3f} | "
+                f"{t['tsa_straight_through_ms']:.1f} | {t['tsa_elastic_ms']:.1f} | "
+                f"{t['dense_twin_ms']:.1f} | {t['plain_gpt_ms']:.1f} | {t['soft_over_dense']:.3f} | "
+                f"{t['straight_through_over_dense']:.3f} | {t['elastic_over_dense']:.3f} | "
                 f"{t['dense_over_plain']:.3f} |"
             )
     if "memory" in result:

@@ -164,6 +164,7 @@ def test_speed_measures_a_trained_pair_and_an_untrained_one(tiny_shape, tmp_path
     run("speed", *smallest, *parts, "--out", tmp_path / "untrained.json", monkeypatch=monkeypatch)
     trained = json.loads((tmp_path / "trained.json").read_text())
     assert {"forward", "decode", "skip_sweep", "sample", "train", "memory"} <= trained.keys()
+    assert trained["train"][0]["elastic_over_dense"] > 0  # elastic depth's step timed beside the others
     assert json.loads((tmp_path / "untrained.json").read_text())["pair"] == "untrained, 30% skip"
     assert (tmp_path / "untrained.md").read_text().startswith("speed benchmark")
 
