@@ -37,6 +37,7 @@ import yaml
 from common import EXPERIMENTS, SHAPES, data_module, network, resolved_config
 
 from tsa_lightning.accounting import dense_twin_flops
+from tsa_lightning.callbacks import SHOWN_BUDGETS
 from tsa_lightning.corpus import data_root
 from tsa_lightning.evaluation import plot_curves
 
@@ -76,7 +77,6 @@ SUITES = suites()
 CONTROL = "tsa_router_at_init"  # scored at its own threshold only, compared with nothing
 RETROFIT = "retrofit_"  # variants that start from the same seed's `dense` run (stage 2)
 SWEEP = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.95, 0.99, 1.01]  # a routed model's thresholds, besides its own
-ELASTIC = [1.0, 0.85, 0.7, 0.5]  # an elastic model's budgets, besides its lowest trained one
 BASELINES = ("early_exit", "mod", "mod_capacity_0.5")  # compared at equal FLOPs along their sweeps
 TRAINING_ONLY = ("seed", "samples_per_epoch", "num_workers")  # data options scoring does not take
 NAME = re.compile(r"(?P<variant>.+)_seed(?P<seed>\d+)")
@@ -138,8 +138,10 @@ def run_lines(suite: Suite, variant: str, seeds: list[int], args, extra: list[st
             routed = model["config"]["routing"] != "none"
             thresholds = [own] if variant == CONTROL else sorted({*SWEEP, own}) if routed else [1.0]
             sweep = [f"--thresholds={cli_value(thresholds)}"]
-            if elastic:  # each budget at the threshold its calibration table gives
-                sweep = [f"--budgets={cli_value(sorted({*ELASTIC, elastic[0]}, reverse=True))}"]
+            if elastic:  # the budgets TensorBoard charts, each at the threshold its table gives
+                low, high = elastic
+                budgets = {*(b for b in SHOWN_BUDGETS if low <= b <= high), low, high}
+                sweep = [f"--budgets={cli_value(sorted(budgets, reverse=True))}"]
             score = [
                 "evaluate",
                 f"--ckpt_path={ckpt}",
@@ -240,7 +242,14 @@ def read_runs(folder: Path, suite: Suite) -> list[dict]:
 
 def variant_of(name: str, suite: Suite) -> str:
     """The variant a row comes from: itself, or the elastic variant of `<variant>_budget_<budget>`."""
-    return name if name in suite.variants else name.rsplit("_budget_", 1)[0]
+    elastic = name.rsplit("_budget_", 1)[0]
+    if name not in suite.variants and elastic in suite.variants and is_elastic(suite, elastic):
+        return elastic
+    return name
+
+
+def is_elastic(suite: Suite, variant: str) -> bool:
+    return bool(variant_config(suite, variant)["model"].get("elastic_budgets"))
 
 
 def version(path: Path) -> int:
@@ -297,12 +306,10 @@ def merge(args) -> None:
         raise SystemExit(f"error: {', '.join(unknown)} not in the {suite.name} suite")
     by_variant: dict[str, list[dict]] = {}
     names = {r["variant"] for r in runs}
-    ordered = [
-        name
-        for variant in suite.variants
-        for name in sorted(names, key=lambda n: -budget_of(n))
-        if variant_of(name, suite) == variant
-    ]
+    ordered = []  # suite order; an elastic variant's rows from its highest budget down
+    for variant in suite.variants:
+        mine = [n for n in names if variant_of(n, suite) == variant]
+        ordered += sorted(mine, key=budget_of, reverse=True) if is_elastic(suite, variant) else mine
     for variant in ordered:
         rows = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
         if len({r["seed"] for r in rows}) < len(rows):
@@ -335,8 +342,8 @@ def merge(args) -> None:
 
 
 def budget_of(name: str) -> float:
-    """The budget a row's name ends with (1.0 for one that names none)."""
-    return float(name.rsplit("_budget_", 1)[1]) if "_budget_" in name else 1.0
+    """The budget an elastic variant's row name ends with."""
+    return float(name.rsplit("_budget_", 1)[1])
 
 
 def training_cost(results: dict, suite: Suite) -> dict:
@@ -347,7 +354,7 @@ def training_cost(results: dict, suite: Suite) -> dict:
         if all(r["train_seconds"] is not None for r in rows)
     }
     family = [n for n in dense_family(results, suite) if n in seconds]
-    elastic = [v for v in seconds if variant_config(suite, v)["model"].get("elastic_budgets")]
+    elastic = [v for v in seconds if is_elastic(suite, v)]
     if "dense" not in seconds or not elastic:
         return {}
     return {

@@ -175,8 +175,16 @@ def test_each_step_trains_every_grid_budget_and_follows_each_from_its_own_rows()
 
 
 class RanksAgree(L.Callback):
-    """Fails a step after which the ranks' tables differ: each rank's rows must train (and move) the
-    thresholds every other rank holds."""
+    """Fails a step whose rows do not train at their own slice of the global batch's thresholds, or
+    after which the ranks' tables differ."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        rows, rank, step = len(batch[0]), trainer.global_rank, trainer.global_step
+        every_row = pl_module.budget.row_thresholds(rows * trainer.world_size, step)
+        assert torch.equal(pl_module.train_threshold(rows), every_row[rank * rows : (rank + 1) * rows])
+        if step > 0:  # the thresholds have moved apart: another rank's slice would not do
+            other = every_row[(1 - rank) * rows : (2 - rank) * rows]
+            assert not torch.equal(pl_module.train_threshold(rows), other)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         tables = pl_module.all_gather(table(pl_module))
@@ -188,9 +196,8 @@ class RanksAgree(L.Callback):
 
 def test_under_ddp_every_rank_trains_with_the_same_budgets_and_thresholds(small_corpus):
     budget = {"elastic_budgets": [0.4, 1.0], "budget_momentum": 1.0}
-    single = fit(small_corpus, "auto", 1, batch_size=8, **budget)
     ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4, callbacks=[RanksAgree()], **budget)
-    assert ddp["train/budget"] == single["train/budget"]  # the global batch's rows train the same budgets
+    assert ddp["train/budget"] == pytest.approx(0.825)  # step 5's 8 rows: grid points 5..12, 0.65..1.0
     calibrated = [key for key in ddp if key.endswith("calibrated_threshold")]
     assert len(calibrated) == len(budget_grid(0.4, 1.0))
 
@@ -203,7 +210,8 @@ def test_under_ddp_every_rank_trains_with_the_same_budgets_and_thresholds(small_
         ({"elastic_budgets": [0.0, 1.0]}, "elastic_budgets must be"),
         ({"elastic_budgets": [0.5, 1.2]}, "elastic_budgets must be"),
         ({"elastic_budgets": [0.5, 1.0], "compute_budget": 0.3}, "outside elastic_budgets"),
-        ({"elastic_budgets": [0.5, 1.0], "depth_loss_weight": 0.1}, "not both"),
+        ({"elastic_budgets": [0.5, 1.0], "depth_loss_weight": 0.1}, "give elastic_budgets or depth_loss"),
+        ({"elastic_budgets": [0.349, 1.0]}, "multiples of 0.01"),
     ],
 )
 def test_impossible_elastic_options_are_refused(options, message):
@@ -215,7 +223,7 @@ def test_impossible_elastic_options_are_refused(options, message):
 @pytest.mark.parametrize("change", [{"gate": "soft"}, {"routing": "none"}])
 def test_elastic_depth_needs_straight_through_tsa_routers(change):
     config = TSAConfig(**{"routing": "tsa", "gate": "straight_through", **SHAPE, **change})
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="elastic_budgets"):
         TSALanguageModel(config, elastic_budgets=[0.5, 1.0])
 
 
@@ -241,6 +249,8 @@ def test_sample_at_a_budget_decodes_at_the_threshold_its_table_gives(trained, ca
     assert at_budget == sample(**common, threshold=module.threshold_at(0.45))
     with pytest.raises(ConfigError, match="not both"):
         sample(**common, budget=0.45, threshold=0.5)
+    with pytest.raises(ConfigError, match="not both"):
+        module.sample("a", 4, budget=0.45, threshold=0.5)
 
 
 def test_evaluate_scores_each_budget_at_its_calibrated_threshold(trained, corpus, tmp_path):

@@ -73,25 +73,30 @@ def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
     return torch.sigmoid(odds[0].lerp(odds[1], share))
 
 
-def check_budget(model: TSATransformer, budget: float, momentum: float, depth_loss_weight: float) -> None:
+def check_budget(
+    model: TSATransformer,
+    budget: float,
+    momentum: float,
+    depth_loss_weight: float,
+    option: str = "compute_budget",
+) -> None:
+    """`option`: the option that asked for the budget, as the messages name it."""
     if not model.steerable:
         raise ConfigError(
-            f"compute_budget steers TSA routers; routing {model.config.routing!r} sets its depth otherwise "
+            f"{option} steers TSA routers; routing {model.config.routing!r} sets its depth otherwise "
             "(early exit: skip_threshold; Mixture-of-Depths: mod_capacity)"
         )
     if not 0.0 < budget <= 1.0:
         raise ConfigError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
     if model.config.gate != "straight_through":
         raise ConfigError(
-            "compute_budget needs gate: straight_through (a soft gate never skips in training, so the "
+            f"{option} needs gate: straight_through (a soft gate never skips in training, so the "
             "budget would steer nothing); set --model.config.gate=straight_through"
         )
     if not 0.0 < momentum <= 1.0:
         raise ConfigError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
     if depth_loss_weight:
-        raise ConfigError(
-            "give compute_budget or depth_loss_weight, not both: the budget sets the depth term"
-        )
+        raise ConfigError(f"give {option} or depth_loss_weight, not both: the budget sets the depth term")
 
 
 class BudgetThreshold(nn.Module):
@@ -162,6 +167,8 @@ def check_elastic(budgets: list[float], default: float | None) -> tuple[float, f
         raise ConfigError(
             f"elastic_budgets must be [lowest, highest] budget with 0 < lowest < highest <= 1, got {budgets}"
         )
+    if any(abs(b * 100 - round(b * 100)) > 1e-9 for b in budgets):  # budgets are named to 0.01
+        raise ConfigError(f"elastic_budgets must be multiples of 0.01, got {budgets}")
     if default is not None and not budgets[0] <= default <= budgets[1]:
         raise ConfigError(
             f"compute_budget {default} is outside elastic_budgets {budgets}: it is the budget evaluation "
@@ -174,8 +181,9 @@ class ElasticBudget(nn.Module):
     """The skip thresholds of a model trained for every budget in a range at once (elastic depth).
 
     Each training step spreads the grid's budgets over the global batch's rows (row r trains grid
-    point (r + step) mod G, counting the rows of lower ranks first): every step trains the smallest
-    and the largest budget beside the ones between (the sandwich rule, in one pass), every rank
+    point (r + step) mod G, counting the rows of lower ranks first): when the global batch has at
+    least G rows, every step trains the smallest and the largest budget beside the ones between
+    (the sandwich rule, in one pass; smaller batches take turns), every rank
     knows every row's budget without talking to the others, DDP trains the budgets one process
     would, and no random stream is touched. Each grid point is a `BudgetThreshold` that follows the
     quantile of its own rows' p and is calibrated on the validation split in its own hard-mode

@@ -425,9 +425,9 @@ def sample(
     check_range("temperature", temperature, 0)
     check_range("top_k", top_k, 1)
     check_range("threshold", threshold, 0, MAX_THRESHOLD)
-    module = load_checkpoint(ckpt_path).eval()
     if budget is not None and threshold is not None:
         raise ConfigError("give --budget or --threshold, not both: a budget sets the threshold")
+    module = load_checkpoint(ckpt_path).eval()
     threshold = module.threshold_at(budget) if budget is not None else threshold
     torch.manual_seed(seed)
     if compile:  # skipping is data-dependent: dynamo's notes on the graph breaks and recompiles it
@@ -456,7 +456,8 @@ def evaluate(
     """Sweep the skip threshold of a checkpoint: hard-mode bpc against executed compute.
 
     The sweep includes the checkpoint's own threshold (a budget's calibrated one, say), marked as
-    the trained operating point in the table and the plot. An elastic checkpoint is swept by budget.
+    the trained operating point in the table and the plot. `--budgets` scores an elastic checkpoint
+    at the budgets asked for.
 
     Args:
         ckpt_path: a checkpoint written by `fit`.
@@ -510,8 +511,11 @@ def evaluate(
         "unit": module.codec.unit,
         "trained_threshold": trained,
     }
-    for budget, threshold in at_budget.items():  # an elastic model's points say their budget
-        next(p for p in result["points"] if p["threshold"] == threshold)["budget"] = budget
+    labelled = []
+    for point in result["points"]:  # an elastic model's points say their budget (one point each)
+        budgets = [b for b, t in at_budget.items() if t == point["threshold"]]
+        labelled += [{**point, "budget": b} for b in budgets] or [point]
+    result["points"] = labelled
     if dense is not None:
         full = dense_twin_flops(module.config, 1, 1)
         result["reference"] = {

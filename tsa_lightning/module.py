@@ -92,7 +92,7 @@ class TSALanguageModel(L.LightningModule):
         initial = self.config.skip_threshold
         if elastic_budgets is not None:
             low, high = check_elastic(elastic_budgets, compute_budget)
-            check_budget(self.model, low, budget_momentum, depth_loss_weight)
+            check_budget(self.model, low, budget_momentum, depth_loss_weight, option="elastic_budgets")
             self.budget = ElasticBudget(low, high, budget_momentum, initial, compute_budget)
         elif compute_budget is not None:
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
@@ -189,8 +189,9 @@ class TSALanguageModel(L.LightningModule):
         halts = self.all_gather(routing.halt_probs.detach())
         if isinstance(self.budget, ElasticBudget):
             self.budget.follow(halts, self.global_step)
-            rows = len(routing.halt_probs) * self.trainer.world_size
-            budget, threshold = self.budget.mean_budget(rows, self.global_step), threshold.mean()
+            rows = len(routing.halt_probs) * self.trainer.world_size  # the global batch's
+            budget = self.budget.mean_budget(rows, self.global_step)
+            threshold = self.budget.row_thresholds(rows, self.global_step).mean()
         else:
             self.budget.follow(halts)
             budget = self.budget.budget
@@ -408,7 +409,9 @@ class TSALanguageModel(L.LightningModule):
     ) -> str:
         """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for.
 
-        `budget` (an elastic model): run at that budget's threshold; `threshold` overrides both."""
+        `budget` (an elastic model): run at that budget's threshold (or give `threshold`)."""
+        if budget is not None and threshold is not None:
+            raise ConfigError("give a budget or a threshold, not both: a budget sets the threshold")
         idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
         mode = mode or self.model.trained_mode
         threshold = self.threshold_at(budget) if threshold is None else threshold
