@@ -174,6 +174,17 @@ def test_each_step_trains_every_grid_budget_and_follows_each_from_its_own_rows()
         assert float(point.running) == pytest.approx(float(expected), rel=1e-6)
 
 
+def test_a_top_share_trains_the_highest_budget_on_its_share_of_rows_and_the_grid_on_the_rest():
+    budget = ElasticBudget(0.3, 1.0, momentum=1.0, initial=0.5, budget=None, top_share=0.25)
+    grid = len(budget.budgets)
+    for step in range(3):
+        rows = budget.rows(64, step)
+        assert (rows == grid - 1).sum() >= 16  # a quarter at the top, and the top's grid turn
+        others = rows[torch.arange(64) % 4 != 3]
+        assert set(others.tolist()) == set(range(grid))  # the 48 others take every budget in turn
+        assert torch.equal(torch.cat([budget.rows(32, step, rank) for rank in (0, 1)]), rows)
+
+
 class RanksAgree(L.Callback):
     """Fails a step whose rows do not train at their own slice of the global batch's thresholds, or
     after which the ranks' tables differ."""
@@ -212,6 +223,7 @@ def test_under_ddp_every_rank_trains_with_the_same_budgets_and_thresholds(small_
         ({"elastic_budgets": [0.5, 1.0], "compute_budget": 0.3}, "outside elastic_budgets"),
         ({"elastic_budgets": [0.5, 1.0], "depth_loss_weight": 0.1}, "give elastic_budgets or depth_loss"),
         ({"elastic_budgets": [0.349, 1.0]}, "multiples of 0.01"),
+        ({"elastic_budgets": [0.5, 1.0], "elastic_top_share": 1.0}, "elastic_top_share"),
     ],
 )
 def test_impossible_elastic_options_are_refused(options, message):

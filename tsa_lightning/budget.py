@@ -193,16 +193,28 @@ class ElasticBudget(nn.Module):
     """
 
     def __init__(
-        self, low: float, high: float, momentum: float, initial: float, budget: float | None
+        self,
+        low: float,
+        high: float,
+        momentum: float,
+        initial: float,
+        budget: float | None,
+        top_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.budgets = budget_grid(low, high)
         self.budget = high if budget is None else budget
+        self.top_share = top_share
         self.points = nn.ModuleList(BudgetThreshold(b, momentum, initial) for b in self.budgets)
 
     def rows(self, batch_size: int, step: int, rank: int = 0) -> Tensor:
-        """The grid point each row of a rank's share of this step's global batch trains."""
-        return (torch.arange(batch_size) + rank * batch_size + step) % len(self.budgets)
+        """The grid point each row of a rank's share of this step's global batch trains: a share
+        `top_share` of the rows (spread evenly) the highest budget, the others the grid in turn."""
+        row = torch.arange(batch_size) + rank * batch_size
+        tops_so_far = torch.floor((row + 1) * self.top_share)  # top rows up to this one, itself included
+        top = tops_so_far > torch.floor(row * self.top_share)
+        others_before = (row - tops_so_far).long()
+        return torch.where(top, len(self.budgets) - 1, (others_before + step) % len(self.budgets))
 
     def row_thresholds(self, batch_size: int, step: int, rank: int = 0) -> Tensor:
         """Training's threshold for each row (B,) of a rank's batch."""

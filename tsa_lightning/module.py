@@ -53,6 +53,8 @@ class TSALanguageModel(L.LightningModule):
         elastic_budgets: [lowest, highest] budget: train one network for every budget in the range
             (elastic depth; needs the straight-through gate), and calibrate a threshold every 0.05
             of budget at each validation. None: one budget, or none.
+        elastic_top_share: share of each batch's rows that train at the highest elastic budget; the
+            others take the grid's budgets in turn (0: every budget alike).
         budget_momentum: share of the way (in log-odds) the training threshold moves towards each
             batch's budget-quantile of p.
         init_from: a dense checkpoint (routing "none") of the same trunk to start from (retrofitting);
@@ -74,6 +76,7 @@ class TSALanguageModel(L.LightningModule):
         compile: bool = False,
         compute_budget: float | None = None,
         elastic_budgets: list[float] | None = None,
+        elastic_top_share: float = 0.0,
         budget_momentum: float = 0.1,
         init_from: str | None = None,
         distill_weight: float = 0.0,
@@ -93,7 +96,11 @@ class TSALanguageModel(L.LightningModule):
         if elastic_budgets is not None:
             low, high = check_elastic(elastic_budgets, compute_budget)
             check_budget(self.model, low, budget_momentum, depth_loss_weight, option="elastic_budgets")
-            self.budget = ElasticBudget(low, high, budget_momentum, initial, compute_budget)
+            if not 0.0 <= elastic_top_share < 1.0:
+                raise ConfigError(f"elastic_top_share must be in [0, 1), got {elastic_top_share}")
+            self.budget = ElasticBudget(
+                low, high, budget_momentum, initial, compute_budget, top_share=elastic_top_share
+            )
         elif compute_budget is not None:
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
             self.budget = BudgetThreshold(compute_budget, budget_momentum, initial)
@@ -332,7 +339,9 @@ class TSALanguageModel(L.LightningModule):
                 "the checkpoint was trained with a compute budget; give the run's compute_budget "
                 "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
             )
-        trained, this = checkpoint.get("elastic_budgets"), self.elastic_range
+        # (kept apart from the hyperparameters, which loading may override; older checkpoints: there)
+        trained = checkpoint.get("elastic_budgets", checkpoint["hyper_parameters"].get("elastic_budgets"))
+        this = self.elastic_range
         if trained != this:
             raise ConfigError(
                 f"the checkpoint was trained with elastic_budgets={trained} (this run: {this}); use the "
