@@ -83,14 +83,18 @@ def layout(n_layer: int, budgets: list[float] | None = None) -> dict:
     }
     charts = {**LAYOUT, "each block": blocks}
     if budgets:
-        shown = [b for b in budgets if round(b, 2) in SHOWN_BUDGETS] + budgets[:1]
-        tags = [rf"val/budget_{b:.2f}/bpc$" for b in sorted(set(shown), reverse=True)]
+        tags = [rf"val/budget_{b:.2f}/bpc$" for b in shown_budgets(budgets)]
         chart = "bits per token at budgets 1 to lowest, val"
         charts["quality"] = {**LAYOUT["quality"], chart: ["Multiline", tags]}
     return charts
 
 
 SHOWN_BUDGETS = (1.0, 0.85, 0.7, 0.5)  # an elastic model's budgets charted, besides its lowest
+
+
+def shown_budgets(budgets: list[float]) -> list[float]:
+    """The grid budgets that the chart and the run's summary show, highest first."""
+    return sorted({b for b in budgets if round(b, 2) in SHOWN_BUDGETS} | {budgets[0]}, reverse=True)
 
 
 # the HParams table's columns: the step reached, final hard-mode quality and compute, of validation and test

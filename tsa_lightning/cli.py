@@ -32,7 +32,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.callbacks import (
-    SHOWN_BUDGETS,
     BudgetCurve,
     Dashboard,
     DepthMap,
@@ -40,6 +39,7 @@ from tsa_lightning.callbacks import (
     HardSample,
     PredictionWriter,
     RunProgressBar,
+    shown_budgets,
 )
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import TextDataModule
@@ -267,10 +267,10 @@ def end_of_run(trainer: Trainer) -> str:
         shown.append("each block ran for " + " ".join(f"{share:.0%}" for share in shares))
     if shown:
         lines.append("  last validation: " + ", ".join(shown))
-    budgets = {k.split("/")[1].removeprefix("budget_"): v for k, v in metrics.items() if BUDGET_BPC.match(k)}
-    if budgets:  # an elastic model: the budgets its chart shows
-        shown = [b for b in budgets if float(b) in SHOWN_BUDGETS or b == min(budgets)]
-        each = ", ".join(f"{b} {budgets[b]:.4f}" for b in sorted(shown, reverse=True))
+    grid = getattr(trainer.lightning_module.budget, "budgets", None)  # an elastic model's
+    budgets = {b: metrics.get(f"val/budget_{b:.2f}/bpc") for b in shown_budgets(grid)} if grid else {}
+    if budgets and None not in budgets.values():
+        each = ", ".join(f"{b:.2f} {bpc:.4f}" for b, bpc in budgets.items())
         lines.append(f"  bpc by budget:   {each}")
     last = last_checkpoint(trainer)
     if last is not None and last.path.is_file():
@@ -284,12 +284,9 @@ def end_of_run(trainer: Trainer) -> str:
         log_dir, board = logged
         lines.append(f"  logs:            {log_dir}  (see them: tensorboard --logdir {board})")
     if last is not None and last.path.is_file():
-        at = f" --budget {min(budgets)}" if budgets else ""
+        at = f" --budget {min(budgets):.2f}" if budgets else ""
         lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}{at}")
     return "\n".join(lines)
-
-
-BUDGET_BPC = re.compile(r"val/budget_[0-9.]+/bpc")
 
 
 def checkpoint_folder(config) -> Path | None:
