@@ -35,10 +35,11 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from tsa_lightning.accounting import report
-from tsa_lightning.budget import ElasticBudget
+from tsa_lightning.budget import Budgets
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, TSATransformer
 from tsa_lightning.module import TSALanguageModel
+from tsa_lightning.retrofit import distillation_kl
 
 PARTS = ("forward", "decode", "skip_sweep", "sample", "train", "memory")
 
@@ -245,12 +246,15 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
         "tsa_straight_through": TSATransformer(
             replace(tsa_config, routing="tsa", gate="straight_through")
         ).to(device),
+        "tsa_unit": TSATransformer(replace(tsa_config, routing="tsa", gate="unit")).to(device),
         "dense_twin": TSATransformer(replace(tsa_config, routing="none")).to(device),
         "plain_gpt": PlainGPT(tsa_config).to(device),
     }
     x = torch.randint(0, tsa_config.vocab_size, (batch, ctx), device=device)
 
-    def step(model, budget: ElasticBudget | None = None):
+    def step(model, budget: Budgets | None = None):
+        """One step; with a budget, elastic depth's: a threshold per row, the full-depth teacher's
+        pass over the rows below it (in-place distillation), then every budget's quantile."""
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
         steps = iter(range(10**9))
@@ -259,17 +263,22 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
             threshold = None if budget is None else budget.row_thresholds(batch, step := next(steps))
             out = model(x, x, threshold=threshold) if budget is not None else model(x, x)
             loss = out if isinstance(out, torch.Tensor) else out[1]
+            if budget is not None:
+                below = ~torch.isinf(threshold)
+                with torch.no_grad():
+                    teacher = model(x[below], mode="hard", threshold=1.0)[0]
+                loss = loss + distillation_kl(teacher, out[0][below])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if budget is not None:
-                budget.follow(out[2].halt_probs.detach(), step)
+                budget.follow(out[2].halt_logits.detach(), step)
 
         return run
 
     runs = {name: step(m) for name, m in models.items()}
-    elastic = ElasticBudget(0.35, 1.0, momentum=0.1, initial=0.5, budget=None).to(device)
-    runs["tsa_elastic"] = step(models["tsa_straight_through"], elastic)
+    elastic = Budgets.elastic(0.35, 1.0, momentum=0.1, initial=0.5, top_share=0.5).to(device)
+    runs["tsa_elastic"] = step(models["tsa_unit"], elastic)
     t = alternate(runs, repeats, device)
     c = tsa_config
     return {

@@ -37,7 +37,7 @@ import yaml
 from common import EXPERIMENTS, SHAPES, data_module, network, resolved_config
 
 from tsa_lightning.accounting import dense_twin_flops
-from tsa_lightning.callbacks import SHOWN_BUDGETS
+from tsa_lightning.budget import budget_grid
 from tsa_lightning.corpus import data_root
 from tsa_lightning.evaluation import plot_curves
 
@@ -138,10 +138,8 @@ def run_lines(suite: Suite, variant: str, seeds: list[int], args, extra: list[st
             routed = model["config"]["routing"] != "none"
             thresholds = [own] if variant == CONTROL else sorted({*SWEEP, own}) if routed else [1.0]
             sweep = [f"--thresholds={cli_value(thresholds)}"]
-            if elastic:  # the budgets TensorBoard charts, each at the threshold its table gives
-                low, high = elastic
-                budgets = {*(b for b in SHOWN_BUDGETS if low <= b <= high), low, high}
-                sweep = [f"--budgets={cli_value(sorted(budgets, reverse=True))}"]
+            if elastic:  # every budget it trained, each at the threshold its table gives
+                sweep = [f"--budgets={cli_value(sorted(budget_grid(*elastic), reverse=True))}"]
             score = [
                 "evaluate",
                 f"--ckpt_path={ckpt}",

@@ -9,7 +9,7 @@ import torch
 from tests.conftest import quiet_trainer, write_corpus
 from tests.test_model import tokens
 from tests.test_robustness import cli_error, fit_on
-from tsa_lightning.budget import BudgetThreshold, HaltQuantile
+from tsa_lightning.budget import Budgets, HaltQuantile, probability
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import Routing, TSAConfig
 from tsa_lightning.module import TSALanguageModel
@@ -60,7 +60,7 @@ def test_a_budget_drives_the_executed_share_to_it(corpus):
         assert shares.executed[0] == 1.0  # routers start open at p ~ 0.27 < 0.5
         late = sum(shares.executed[-60:]) / 60
         assert abs(late - budget) < 0.05, (budget, late)
-        assert module.skip_threshold == float(module.budget.running)  # no validation calibrated one
+        assert float(module.skip_threshold) == float(module.budget.running[0])  # no validation calibrated one
         assert module.hparams.config == asdict(module.config)  # the network's definition is not state
         assert module.config.skip_threshold == 0.5
         assert len(set(shares.thresholds)) > 10  # the threshold really moved, step by step
@@ -82,9 +82,9 @@ def test_the_threshold_follows_routers_that_collapse_towards_zero():
     torch.manual_seed(0)
     for scale in [*torch.logspace(0, -6, 100), *[1e-6] * 40]:  # p shrinks 10^6-fold, then settles
         halts = torch.rand(8, 32, SHAPE["n_layer"] - 1) * scale
-        module.follow_budget(Routing(halts, None), module.train_threshold(len(halts)))
-    executed = (halts <= module.skip_threshold).float().mean()
-    assert 0 < module.skip_threshold < 1e-5
+        module.follow_budget(Routing(halts, None, halt_logits=torch.logit(halts)), module.train_threshold(8))
+    executed = (torch.logit(halts) <= module.skip_threshold).float().mean()
+    assert 0 < probability(module.skip_threshold) < 1e-5
     assert abs(executed - 0.7) < 0.05
 
 
@@ -116,7 +116,7 @@ def test_a_short_last_batch_weighs_no_more_than_its_size():
 def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus):
     """Without dropout p sits elsewhere than in training: the validation split sets the threshold."""
     module, _ = train_with_budget(corpus, 0.6, steps=120, validate=True)
-    calibrated = float(module.budget.calibrated)
+    calibrated = module.budget.table[0]
     assert module.skip_threshold == calibrated
     data = TextDataModule(str(corpus), block_size=32, batch_size=8)
     data.setup("validate")
@@ -129,22 +129,23 @@ def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus)
     assert abs(float(torch.stack(shares).mean()) - 0.6) < 0.03
 
 
-def calibrate_at(budget: BudgetThreshold, quantile: float) -> float:
+def calibrate_at(budget: Budgets, quantile: float) -> float:
     """A validation whose p all equal `quantile`."""
-    budget.val_quantile.update(torch.full((1, 8, 1), quantile), torch.ones(1, 8, dtype=torch.bool))
-    return budget.calibrate()
+    logits = torch.logit(torch.full((1, 8, 1), quantile))
+    budget.observe(logits, torch.ones(1, 8, dtype=torch.bool))
+    return budget.calibrate()[0]
 
 
 def test_validating_again_without_training_refines_the_threshold_half_way():
     module = TSALanguageModel(ROUTED, compute_budget=0.7)
-    assert module.skip_threshold == 0.5  # nothing calibrated yet: training's threshold
+    assert probability(module.skip_threshold) == 0.5  # nothing calibrated yet: training's threshold
     assert calibrate_at(module.budget, 0.1) == pytest.approx(0.1)
-    assert module.skip_threshold == pytest.approx(0.1)
+    assert probability(module.skip_threshold) == pytest.approx(0.1)
     assert calibrate_at(module.budget, 0.9) == pytest.approx(0.5)  # logit(0.1) = -logit(0.9)
-    module.budget.running.fill_(0.3)  # training moved on: evaluation follows it until validation
-    assert module.skip_threshold == pytest.approx(0.3)
+    module.budget.running.fill_(torch.logit(torch.tensor(0.3)).item())  # training moved on: evaluation
+    assert probability(module.skip_threshold) == pytest.approx(0.3)  # follows it until validation
     assert calibrate_at(module.budget, 0.9) == pytest.approx(0.9)  # and a validation starts afresh
-    assert module.skip_threshold == pytest.approx(0.9)
+    assert probability(module.skip_threshold) == pytest.approx(0.9)
 
 
 def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
@@ -154,10 +155,10 @@ def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
     path = tmp_path / "budget.ckpt"
     trainer.save_checkpoint(path)
     loaded = TSALanguageModel.load_from_checkpoint(path)
-    assert loaded.skip_threshold == float(module.budget.running) != 0.5
+    assert float(loaded.skip_threshold) == float(module.budget.running[0]) != 0.0
     assert calibrate_at(module.budget, 0.123) == pytest.approx(0.123)  # what evaluation uses from now on
     trainer.save_checkpoint(path)
-    assert TSALanguageModel.load_from_checkpoint(path).skip_threshold == pytest.approx(0.123)
+    assert probability(TSALanguageModel.load_from_checkpoint(path).skip_threshold) == pytest.approx(0.123)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +167,7 @@ def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):
         ({"compute_budget": 0.0}, "compute_budget must be in (0, 1]"),
         ({"compute_budget": 0.5, "depth_loss_weight": 0.05}, "not both"),
         ({"compute_budget": 0.5, "budget_momentum": 0.0}, "budget_momentum must be in (0, 1]"),
-        ({"distill_weight": 1.0}, "distill_weight needs init_from"),
+        ({"distill_weight": 1.0}, "distill_weight needs a teacher"),
     ],
 )
 def test_budget_and_retrofit_arguments_are_checked(kwargs, message):
@@ -175,7 +176,7 @@ def test_budget_and_retrofit_arguments_are_checked(kwargs, message):
 
 
 def test_a_budget_needs_the_straight_through_gate():
-    with pytest.raises(ValueError, match="needs gate: straight_through"):
+    with pytest.raises(ValueError, match="needs gate: unit or straight_through"):
         TSALanguageModel(TSAConfig(routing="tsa", gate="soft", **SHAPE), compute_budget=0.5)
 
 

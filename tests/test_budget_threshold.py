@@ -8,7 +8,7 @@ import torch
 
 from tsa_lightning import TSAConfig
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import BudgetThreshold, HaltQuantile, check_budget, order_statistic
+from tsa_lightning.budget import Budgets, HaltQuantile, check_budget, order_statistic
 from tsa_lightning.errors import ConfigError
 
 SHAPE = dict(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=16)
@@ -65,7 +65,7 @@ def test_a_variant_without_tsa_routers_is_told_which_option_sets_its_depth(routi
 def test_a_soft_gate_is_told_the_option_that_fixes_it():
     with pytest.raises(ConfigError) as error:
         check_budget(budgeted(gate="soft"), 0.5, 0.1, 0.0)
-    assert re.search(r"(^|\s)--model\.config\.gate=straight_through($|[\s.;,)])", str(error.value))
+    assert re.search(r"(^|\s)--model\.config\.gate=unit($|[\s.;,)])", str(error.value))
 
 
 # ---------------------------------------------------------------- HaltQuantile
@@ -153,13 +153,14 @@ def test_the_quantile_is_one_of_the_values_and_a_tiny_share_is_the_smallest():
 
 @pytest.mark.parametrize("initial", [0.0, 1.0])
 def test_a_threshold_starting_at_a_bound_steps_towards_the_quantile(initial):
-    """skip_threshold may be 0 or 1, and the budget's running threshold starts there."""
-    budget = BudgetThreshold(budget=0.5, momentum=0.1, initial=initial)
-    halts = torch.rand(2, 16, 2, generator=torch.Generator().manual_seed(0))
-    target = order_statistic(halts, 0.5).item()
-    budget.follow(halts)
+    """skip_threshold may be 0 or 1, and the budget's running threshold (log-odds) starts there."""
+    budget = Budgets([0.5], momentum=0.1, initial=initial)
+    logits = torch.randn(2, 16, 2, generator=torch.Generator().manual_seed(0))
+    target = order_statistic(logits, 0.5).item()
+    budget.follow(logits, step=0)
     running = budget.running.item()
-    assert min(initial, target) < running < max(initial, target)
+    assert -30 < running < 30 and min(-30, target) < running < max(30, target)
+    assert abs(running - target) < abs(torch.logit(torch.tensor(initial).double()).clamp(-30, 30) - target)
     for _ in range(300):
-        budget.follow(halts)
+        budget.follow(logits, step=0)
     assert budget.running.item() == pytest.approx(target, rel=1e-3)

@@ -318,7 +318,7 @@ def test_a_token_whose_p_equals_the_threshold_runs_and_one_above_skips(monkeypat
         assert routing.executed[..., 1:][halts == t].all()  # p == t runs
         assert not routing.executed[..., 1:][halts > t].any()  # p > t skips
         torch.testing.assert_close(logits, expected, **TOL)
-    assert torch.equal(model.hard_executed(halts, t), run)  # the accounting's rule is the same
+    assert torch.equal(model.hard_executed(torch.logit(halts), t), run)  # the accounting's rule is the same
 
 
 # ---------------------------------------------------------------- cached decoding

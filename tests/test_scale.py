@@ -18,10 +18,12 @@ from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 
 
-def fit(corpus, strategy: str, devices: int, batch_size: int, callbacks=(), **budget) -> dict:
+def fit(
+    corpus, strategy: str, devices: int, batch_size: int, callbacks=(), precision=None, gate=None, **budget
+) -> dict:
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), block_size=16, batch_size=batch_size, samples_per_epoch=128)
-    gate = {"gate": "straight_through"} if budget else {}
+    gate = {"gate": gate or "straight_through"} if budget else {}
     model = TSALanguageModel(
         TSAConfig(
             vocab_size=data.vocab_size, block_size=16, n_layer=3, n_head=2, n_embd=16, dropout=0.0, **gate
@@ -34,6 +36,7 @@ def fit(corpus, strategy: str, devices: int, batch_size: int, callbacks=(), **bu
         devices=devices,
         max_steps=6,
         val_check_interval=6,
+        precision=precision,
         check_val_every_n_epoch=None,
         callbacks=list(callbacks),
     )

@@ -1,8 +1,10 @@
 """Adaptive-depth baselines on TSA's own trunk: same blocks, init, data, trainer and accounting.
 
-Each baseline only overrides `route` (who runs the next block, and how strongly), so the hard-mode
-machinery - gather/compute/scatter, keys and values from every position's current state - and
-the compute accounting are shared with TSA. `threshold` always means "higher runs more".
+Each baseline overrides how it routes (`route`, `skips`) and what routing costs and trains
+(`routing_flops_per_token`, `depth_term`, `auxiliary_loss`, ...), so the hard-mode machinery -
+gather/compute/scatter, keys and values from every position's current state - and the compute
+accounting are shared with TSA. `threshold` always means "higher runs more"; routing reports its
+scores in log-odds, as TSA's routers do.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tsa_lightning.model import Decision, Mode, Router, Routing, TSAConfig, TSATransformer, router_flops
+from tsa_lightning.model import (
+    Decision,
+    Mode,
+    Router,
+    Routing,
+    TSAConfig,
+    TSATransformer,
+    router_flops,
+)
 
 
 class EarlyExitTransformer(TSATransformer):
@@ -32,15 +42,22 @@ class EarlyExitTransformer(TSATransformer):
     def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
         if mode == "hard":
             confidence = self.confidence(x)
-            return Decision(kept=~self.skips(confidence, threshold), halt=confidence)
+            return Decision(
+                kept=~self.leaves(confidence, threshold), halt_logit=torch.logit(confidence.double())
+            )
         if targets is None:
             return Decision()
         logits = self.lm_head(self.ln_f(x))
         return Decision(aux_loss=F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1)))
 
-    def skips(self, halt: Tensor, threshold: float) -> Tensor:
-        """A token leaves once its exit head is confident enough."""
-        return halt >= threshold
+    @staticmethod
+    def leaves(confidence: Tensor, threshold: float) -> Tensor:
+        """A token leaves once its exit head is confident enough: compared as probabilities, since
+        a confidence is one (its log-odds in float64 keep every float32 confidence apart)."""
+        return confidence >= threshold
+
+    def skips(self, halt_logits: Tensor, threshold: float) -> Tensor:
+        return self.leaves(torch.sigmoid(halt_logits), threshold)
 
     def depth_term(self, routing: Routing) -> Tensor | None:
         return None  # depth follows from confidence; training averages the exits' losses instead
@@ -103,16 +120,18 @@ class MixtureOfDepthsTransformer(TSATransformer):
         if str(i) not in self.scorers:
             return Decision()
         weight = torch.sigmoid(self.scorers[str(i)](x))
-        skip_logit = self.predictors[str(i)].logit(x.detach())  # the predictor never steers the trunk
-        skip = torch.sigmoid(skip_logit)
+        skip = self.predictors[str(i)].logit(x.detach())  # the predictor never steers the trunk
         if mode == "hard":
-            return Decision(keep=weight, kept=~self.skips(skip, threshold), halt=skip)
+            return Decision(scale=weight, kept=~self.skips(skip, threshold), halt_logit=skip)
         top = weight.squeeze(-1).topk(self.capacity(x.size(1)), dim=-1).indices
         kept = torch.zeros_like(skip, dtype=torch.bool).scatter(1, top, True)
         # from logits: safe under autocast and in any dtype
-        target = (~kept).to(skip_logit.dtype)
+        target = (~kept).to(skip.dtype)
         return Decision(
-            keep=weight, kept=kept, halt=skip, aux_loss=F.binary_cross_entropy_with_logits(skip_logit, target)
+            scale=weight,
+            kept=kept,
+            halt_logit=skip,
+            aux_loss=F.binary_cross_entropy_with_logits(skip, target),
         )
 
 

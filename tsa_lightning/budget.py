@@ -1,8 +1,10 @@
-"""Holding a straight-through TSA model to a compute budget: the share of routed token-blocks it runs.
+"""Holding a TSA model to compute budgets: the share of routed token-blocks hard mode runs.
 
-`BudgetThreshold` owns the skip thresholds of one budget. Training's follows the budget-quantile of
-p batch by batch; validation calibrates the one that evaluation and sampling use on the whole split.
-`ElasticBudget` trains a whole range of budgets at once (elastic depth) and serves any budget in it.
+`Budgets` owns the skip thresholds of a grid of budgets: one budget (`compute_budget`) is a grid of
+one point; a range (`elastic_budgets`, elastic depth) is a grid every 0.05 of budget, and any budget
+between its points is served too. Training's thresholds follow each budget's quantile of the
+routers' scores batch by batch; validation calibrates the ones evaluation and sampling use.
+Thresholds are held in log-odds, where float32 splits any two tokens whose router logits differ.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from tsa_lightning.errors import ConfigError
-from tsa_lightning.model import TSATransformer
+from tsa_lightning.model import TSATransformer, skip_logit
 
 
 class HaltQuantile(Metric):
-    """A quantile of the routers' p over a whole split and all ranks, read exactly from a sample of p.
+    """A quantile of the routers' scores over a whole split and all ranks, read exactly from a sample.
 
     Every batch contributes the same share of its values, set by the first batch so that it gives
     at most `per_batch` (a short last batch weighs no more than its size). The k-th batch of a split
@@ -41,9 +43,9 @@ class HaltQuantile(Metric):
         super().reset()
         self.share, self.batches = None, 0
 
-    def update(self, halt_probs: Tensor, valid: Tensor) -> None:
+    def update(self, halt_logits: Tensor, valid: Tensor) -> None:
         """`valid` (B, T): real positions; padding enters no count."""
-        values = halt_probs[valid].flatten().float()
+        values = halt_logits[valid].flatten().float()
         if self.share is None:
             self.share = min(1.0, self.per_batch / max(1, values.numel()))
         count = round(self.share * values.numel())
@@ -55,22 +57,22 @@ class HaltQuantile(Metric):
         self.values.append(values)
 
     def compute(self) -> Tensor:
-        """The p at or below which a share q of the sampled p lie."""
-        return order_statistic(dim_zero_cat(self.values).cpu(), self.q)
+        """The score at or below which a share q of the sampled scores lie."""
+        return self.at(self.q)
+
+    def at(self, q: float) -> Tensor:
+        """The score at or below which a share q of the sampled scores lie."""
+        return order_statistic(dim_zero_cat(self.values).cpu(), q)
+
+    @property
+    def empty(self) -> bool:
+        return not self.values
 
 
 def order_statistic(values: Tensor, q: float) -> Tensor:
     """The value at or below which a share q of `values` lie: one of them, never an interpolation,
     so a threshold set here splits the values exactly, however many there are."""
     return torch.kthvalue(values.flatten(), max(1, round(q * values.numel()))).values
-
-
-def toward(threshold: Tensor, target: Tensor, share: float) -> Tensor:
-    """`threshold` moved a share of the way to `target` in log-odds, where p's drift into the
-    sigmoid's tails is a steady walk, not a vanishing one."""
-    # the top clamp is float32's last step below 1, so that a threshold held in float32 can leave 1
-    odds = [torch.logit(t.double().clamp(1e-12, 1 - 2**-24)) for t in (threshold, target)]
-    return torch.sigmoid(odds[0].lerp(odds[1], share))
 
 
 def check_budget(
@@ -88,10 +90,10 @@ def check_budget(
         )
     if not 0.0 < budget <= 1.0:
         raise ConfigError(f"compute_budget must be in (0, 1] (a share of routed token-blocks), got {budget}")
-    if model.config.gate != "straight_through":
+    if model.config.gate == "soft":
         raise ConfigError(
-            f"{option} needs gate: straight_through (a soft gate never skips in training, so the "
-            "budget would steer nothing); set --model.config.gate=straight_through"
+            f"{option} needs gate: unit or straight_through (a soft gate never skips in training, so "
+            "the budget would steer nothing); set --model.config.gate=unit"
         )
     if not 0.0 < momentum <= 1.0:
         raise ConfigError(f"budget_momentum must be in (0, 1] (a share of the way per step), got {momentum}")
@@ -99,60 +101,10 @@ def check_budget(
         raise ConfigError(f"give {option} or depth_loss_weight, not both: the budget sets the depth term")
 
 
-class BudgetThreshold(nn.Module):
-    """The skip threshold of a model trained to run a share `budget` of its routed token-blocks.
-
-    Training's threshold is a running statistic, as BatchNorm's mean is: after every step it moves
-    a share `momentum` of the way (in log-odds) to the global batch's budget-quantile of p, so the
-    straight-through gate skips the tokens the routers rank highest. A quantile follows p wherever
-    the task loss drives it (a fixed-rate controller fell behind as p collapsed towards 0, and lost
-    the budget). Validation calibrates the threshold on the whole split in hard mode, since p
-    without dropout need not sit where it did in training; evaluation uses the calibrated one until
-    training moves on. All three are buffers: checkpoints carry them, resumes continue exactly.
-    """
-
-    def __init__(self, budget: float, momentum: float, initial: float) -> None:
-        super().__init__()
-        self.budget, self.momentum = budget, momentum
-        self.register_buffer("running", torch.tensor(initial))
-        self.register_buffer("calibrated", torch.tensor(math.nan))  # none before a validation
-        self.register_buffer("calibrated_from", torch.tensor(math.nan))  # the running one it was made under
-        self.val_quantile = HaltQuantile(budget)
-
-    @property
-    def calibrated_now(self) -> bool:
-        """Calibrated, and no training step since."""
-        return float(self.calibrated_from) == float(self.running)
-
-    @property
-    def threshold(self) -> float:
-        """Evaluation's and sampling's: the calibrated one, unless training has moved on since."""
-        return float(self.calibrated if self.calibrated_now else self.running)
-
-    def follow(self, halt_probs: Tensor) -> None:
-        """One training step: move towards the budget-quantile of the global batch's p."""
-        if self.budget >= 1.0:  # the whole network: nothing skips, whatever p is
-            self.running.fill_(1.0)
-            return
-        self.running.copy_(toward(self.running, order_statistic(halt_probs, self.budget), self.momentum))
-
-    def calibrate(self) -> float:
-        """Skip at the validation split's quantile; validating again without training refines it.
-
-        Moving the threshold changes which blocks earlier tokens ran, and so the p that later
-        routers see: a second and third validation of a finished model step half-way (in log-odds)
-        from the last threshold to the new quantile, which settles where the share is the budget.
-        """
-        quantile = torch.tensor(1.0) if self.budget >= 1.0 else self.val_quantile.compute()
-        if self.calibrated_now and self.budget < 1.0:
-            quantile = toward(self.calibrated, quantile, 0.5)
-        self.calibrated.fill_(float(quantile))
-        self.calibrated_from.copy_(self.running)
-        self.val_quantile.reset()
-        return float(self.calibrated)
-
-
-GRID_STEP = 0.05  # an elastic model's thresholds are calibrated every GRID_STEP of budget
+GRID_STEP = 0.05  # an elastic model's thresholds are trained and scored every GRID_STEP of budget
+TABLE_STEP = 0.01  # ... and calibrated every TABLE_STEP, the precision a budget is named to
+START_LIMIT = 30.0  # log-odds: a training threshold starts at most this far out
+SHOWN = (1.0, 0.85, 0.7, 0.5)  # the budgets an elastic run's chart and summary show, besides its ends
 
 
 def budget_grid(low: float, high: float) -> list[float]:
@@ -177,78 +129,185 @@ def check_elastic(budgets: list[float], default: float | None) -> tuple[float, f
     return budgets[0], budgets[1]
 
 
-class ElasticBudget(nn.Module):
-    """The skip thresholds of a model trained for every budget in a range at once (elastic depth).
+class Budgets(nn.Module):
+    """The skip thresholds (log-odds) of a model trained to run shares `budgets` of its routed blocks.
 
-    Each training step spreads the grid's budgets over the global batch's rows (row r trains grid
-    point (r + step) mod G, counting the rows of lower ranks first): when the global batch has at
-    least G rows, every step trains the smallest and the largest budget beside the ones between
-    (the sandwich rule, in one pass; smaller batches take turns), every rank
-    knows every row's budget without talking to the others, DDP trains the budgets one process
-    would, and no random stream is touched. Each grid point is a `BudgetThreshold` that follows the
-    quantile of its own rows' p and is calibrated on the validation split in its own hard-mode
-    pass; a budget between grid points interpolates the neighbours' thresholds (linearly: log-odds
-    would crowd towards budget 1.0's threshold of 1). `budget` is the one evaluation and sampling
-    use unless asked for another.
+    Training's thresholds are running statistics, as BatchNorm's mean is: after every step each
+    moves a share `momentum` of the way to its budget-quantile of its rows' router logits, so the
+    gate skips the tokens the routers rank highest. A quantile follows the routers wherever the task
+    loss drives them (a fixed-rate controller fell behind as p collapsed towards 0, and lost the
+    budget). Budget 1.0's threshold is +inf: nothing skips, whatever p is.
+
+    Rows: each step spreads the grid over the global batch's rows, row r training grid point
+    (r + step) mod G, a share `top_share` of the rows the highest budget (`rows`). When the global
+    batch has at least G rows every step trains the smallest and the largest budget beside the ones
+    between (the sandwich rule, in one pass). Rows are numbered as one process's batch would hold
+    them (DDP deals a batch's windows to the ranks in turn), so DDP trains what one process would.
+
+    Validation calibrates, on the whole split in hard mode, a threshold every TABLE_STEP of budget
+    (`table`), since p without dropout need not sit where it did in training: budget b's is the
+    b-quantile of the scores that the hard pass at the nearest grid point saw. Evaluation uses the
+    calibrated table until training moves on. All are buffers: checkpoints carry them, resumes
+    continue exactly.
     """
 
     def __init__(
         self,
-        low: float,
-        high: float,
+        budgets: list[float],
         momentum: float,
         initial: float,
-        budget: float | None,
+        default: float | None = None,
         top_share: float = 0.0,
     ) -> None:
         super().__init__()
-        self.budgets = budget_grid(low, high)
-        self.budget = high if budget is None else budget
-        self.top_share = top_share
-        self.points = nn.ModuleList(BudgetThreshold(b, momentum, initial) for b in self.budgets)
+        self.budgets, self.momentum, self.top_share = budgets, momentum, top_share
+        self.budget = budgets[-1] if default is None else default
+        first = min(max(skip_logit(initial), -START_LIMIT), START_LIMIT)  # a threshold of 0 or 1 can move
+        start = [math.inf if b >= 1.0 else first for b in budgets]
+        self.register_buffer("running", torch.tensor(start))
+        self.register_buffer("calibrated_from", torch.full((len(budgets),), math.nan))  # running, then
+        self.register_buffer(
+            "table", torch.full((len(self.table_budgets),), math.nan)
+        )  # none before a validation
+        self.quantiles = nn.ModuleList(HaltQuantile(b) for b in budgets)
 
-    def rows(self, batch_size: int, step: int, rank: int = 0) -> Tensor:
-        """The grid point each row of a rank's share of this step's global batch trains: a share
-        `top_share` of the rows (spread evenly) the highest budget, the others the grid in turn."""
-        row = torch.arange(batch_size) + rank * batch_size
+    @classmethod
+    def elastic(cls, low: float, high: float, momentum: float, initial: float, **kwargs) -> Budgets:
+        return cls(budget_grid(low, high), momentum, initial, **kwargs)
+
+    @property
+    def elastic_range(self) -> list[float] | None:
+        """[lowest, highest] of an elastic model; None for one budget."""
+        return [self.budgets[0], self.budgets[-1]] if len(self.budgets) > 1 else None
+
+    @property
+    def table_budgets(self) -> list[float]:
+        """The budgets of the calibrated table: the grid's, and every TABLE_STEP between."""
+        low, high = self.budgets[0], self.budgets[-1]
+        steps = range(math.floor(low / TABLE_STEP + 1e-9) + 1, math.ceil(high / TABLE_STEP - 1e-9))
+        return sorted({*self.budgets, *(round(k * TABLE_STEP, 10) for k in steps)})
+
+    def shown(self) -> list[float]:
+        """The budgets a run's chart, summary and suite show, highest first: SHOWN's inside the
+        range, and both ends."""
+        inside = {b for b in self.budgets if round(b, 2) in SHOWN}
+        return sorted(inside | {self.budgets[0], self.budgets[-1]}, reverse=True)
+
+    # -- training --
+
+    def rows(self, batch_size: int, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
+        """The grid point each row of a rank's share of this step's global batch trains."""
+        row = torch.arange(batch_size) * world_size + rank  # DDP deals windows to ranks in turn
         tops_so_far = torch.floor((row + 1) * self.top_share)  # top rows up to this one, itself included
         top = tops_so_far > torch.floor(row * self.top_share)
         others_before = (row - tops_so_far).long()
         return torch.where(top, len(self.budgets) - 1, (others_before + step) % len(self.budgets))
 
-    def row_thresholds(self, batch_size: int, step: int, rank: int = 0) -> Tensor:
+    def row_thresholds(self, batch_size: int, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
         """Training's threshold for each row (B,) of a rank's batch."""
-        running = torch.stack([point.running for point in self.points])
-        return running[self.rows(batch_size, step, rank).to(running.device)]
+        return self.running[self.rows(batch_size, step, rank, world_size).to(self.running.device)]
 
-    def mean_budget(self, batch_size: int, step: int) -> float:
-        """The mean budget a global batch of `batch_size` rows trains at this step."""
-        return float(torch.tensor(self.budgets)[self.rows(batch_size, step)].mean())
+    def row_budgets(self, batch_size: int, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
+        """The budget each row (B,) of a rank's batch trains."""
+        return torch.tensor(self.budgets)[self.rows(batch_size, step, rank, world_size)]
 
-    def follow(self, halt_probs: Tensor, step: int) -> None:
-        """Each grid point moves towards the quantile of its rows' p in the global batch: `halt_probs`
-        (B, T, L-1), or (ranks, B, T, L-1) as gathered."""
-        halt_probs = halt_probs.reshape(-1, *halt_probs.shape[-2:])
-        rows = self.rows(len(halt_probs), step).to(halt_probs.device)
-        for g, point in enumerate(self.points):
-            if (rows == g).any():
-                point.follow(halt_probs[rows == g])
+    def follow(self, halt_logits: Tensor, step: int) -> None:
+        """Each budget's threshold moves towards the quantile of its rows' router logits in the global
+        batch: `halt_logits` (B, T, L-1), or (ranks, B, T, L-1) as gathered."""
+        if halt_logits.dim() == 4:  # the global batch in one process's row order
+            halt_logits = halt_logits.transpose(0, 1).flatten(0, 1)
+        rows = self.rows(len(halt_logits), step).to(halt_logits.device)
+        for g, budget in enumerate(self.budgets):
+            if budget < 1.0 and (rows == g).any():
+                target = order_statistic(halt_logits[rows == g], budget).to(self.running)
+                self.running[g] = self.running[g] + self.momentum * (target - self.running[g])
 
-    def threshold_at(self, budget: float) -> float:
-        """Hard mode's threshold for any budget in the trained range."""
+    # -- validation --
+
+    def validation_rows(self, batch_size: int, batch_idx: int, rank: int = 0, world_size: int = 1) -> Tensor:
+        """The grid point each row of a validation batch is scored at: every point in turn."""
+        row = torch.arange(batch_size) * world_size + rank
+        return (row + batch_idx * batch_size * world_size) % len(self.budgets)
+
+    def observe(self, halt_logits: Tensor, valid: Tensor, points: Tensor | None = None) -> None:
+        """A validation batch's scores in hard mode, each row at grid point `points` (B,) (None: 0)."""
+        points = torch.zeros(len(halt_logits), dtype=torch.long) if points is None else points.cpu()
+        for g, quantile in enumerate(self.quantiles):
+            if (points == g).any():
+                quantile.update(halt_logits[points == g], valid[points == g])
+
+    def calibrate(self) -> list[float]:
+        """Each table budget's threshold from the nearest grid point's validation scores; the grid's
+        as probabilities. Validating again without training refines the table: moving a threshold
+        changes which blocks earlier tokens ran, and so the scores later routers see, so a second
+        and third validation of a finished model step half-way from the last threshold to the new
+        quantile, which settles where the share is the budget."""
+        refine = self.calibrated_now
+        table = []
+        for b, old in zip(self.table_budgets, self.table.tolist(), strict=True):
+            g = min(range(len(self.budgets)), key=lambda g: abs(self.budgets[g] - b))
+            if b >= 1.0 or self.quantiles[g].empty:
+                table.append(math.inf if b >= 1.0 else float(self.running[g]))
+                continue
+            new = float(self.quantiles[g].at(b))
+            table.append(old + 0.5 * (new - old) if refine and math.isfinite(old) else new)
+        self.table.copy_(torch.tensor(table))
+        self.calibrated_from.copy_(self.running)
+        self.reset()
+        return [probability(self.threshold_at(b)) for b in self.budgets]
+
+    def reset(self) -> None:
+        for quantile in self.quantiles:
+            quantile.reset()
+
+    @property
+    def calibrated_now(self) -> bool:
+        """Calibrated, and no training step since."""
+        return bool(torch.equal(self.calibrated_from, self.running))
+
+    # -- evaluation and sampling --
+
+    def threshold_at(self, budget: float | None = None) -> Tensor:
+        """Hard mode's threshold (log-odds) for any budget in the trained range (None: the default):
+        the calibrated table's, interpolated between its points, unless training has moved on."""
+        budget = self.budget if budget is None else budget
         low, high = self.budgets[0], self.budgets[-1]
         if not low - 1e-9 <= budget <= high + 1e-9:
             raise ConfigError(f"budget {budget} is outside the trained range [{low}, {high}] of this model")
-        upper = next(g for g, b in enumerate(self.budgets) if b >= budget - 1e-9)
-        if upper == 0 or abs(self.budgets[upper] - budget) < 1e-9:
-            return self.points[upper].threshold
-        lower = upper - 1
-        share = (budget - self.budgets[lower]) / (self.budgets[upper] - self.budgets[lower])
-        return (1 - share) * self.points[lower].threshold + share * self.points[upper].threshold
+        if self.calibrated_now:
+            budgets, thresholds = self.table_budgets, self.table
+        else:
+            budgets, thresholds = self.budgets, self.running
+        upper = next(i for i, b in enumerate(budgets) if b >= budget - 1e-9)
+        if upper == 0 or abs(budgets[upper] - budget) < 1e-9:
+            return thresholds[upper].clone()
+        if not torch.isfinite(thresholds[upper]):  # towards budget 1.0: the last finite one
+            return thresholds[upper - 1].clone()
+        share = (budget - budgets[upper - 1]) / (budgets[upper] - budgets[upper - 1])
+        return thresholds[upper - 1].lerp(thresholds[upper], share)
 
     @property
-    def threshold(self) -> float:
+    def threshold(self) -> Tensor:
+        """The default budget's threshold (log-odds)."""
         return self.threshold_at(self.budget)
 
-    def calibrate(self) -> list[float]:
-        return [point.calibrate() for point in self.points]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Checkpoints that held thresholds as probabilities, one module per grid point."""
+        old = [f"{prefix}running", *(f"{prefix}points.{g}.running" for g in range(len(self.budgets)))]
+        if f"{prefix}calibrated_from" not in state_dict and any(k in state_dict for k in old):
+            grid = (
+                [state_dict.pop(f"{prefix}running")]
+                if f"{prefix}running" in state_dict
+                else [state_dict.pop(f"{prefix}points.{g}.running") for g in range(len(self.budgets))]
+            )
+            for key in [k for k in state_dict if k.startswith(prefix) and "calibrated" in k]:
+                state_dict.pop(key)
+            state_dict[f"{prefix}running"] = torch.stack([torch.logit(p.double()).float() for p in grid])
+            state_dict[f"{prefix}calibrated_from"] = torch.full((len(self.budgets),), math.nan)
+            state_dict[f"{prefix}table"] = torch.full((len(self.table_budgets),), math.nan)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def probability(threshold: float | Tensor) -> float:
+    """A threshold in log-odds as the probability users read (rounded to 1 above ~36.7)."""
+    return float(torch.sigmoid(torch.as_tensor(threshold, dtype=torch.float64)))

@@ -24,9 +24,10 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from tsa_lightning.budget import probability
 from tsa_lightning.evaluation import curve_figure
 from tsa_lightning.inference import generate_cached
-from tsa_lightning.model import TSAConfig
+from tsa_lightning.model import TSAConfig, skip_logit
 
 
 class TensorBoard(TensorBoardLogger):
@@ -83,18 +84,21 @@ def layout(n_layer: int, budgets: list[float] | None = None) -> dict:
     }
     charts = {**LAYOUT, "each block": blocks}
     if budgets:
-        tags = [rf"val/budget_{b:.2f}/bpc$" for b in shown_budgets(budgets)]
+        tags = [rf"val/budget_{b:.2f}/bpc$" for b in budgets]
         chart = "bits per token at budgets 1 to lowest, val"
         charts["quality"] = {**LAYOUT["quality"], chart: ["Multiline", tags]}
     return charts
 
 
-SHOWN_BUDGETS = (1.0, 0.85, 0.7, 0.5)  # an elastic model's budgets charted, besides its lowest
-
-
-def shown_budgets(budgets: list[float]) -> list[float]:
-    """The grid budgets that the chart and the run's summary show, highest first."""
-    return sorted({b for b in budgets if round(b, 2) in SHOWN_BUDGETS} | {budgets[0]}, reverse=True)
+def operating_point(pl_module) -> tuple[float | Tensor, str]:
+    """The threshold that depth maps and samples run at, and how to name it: an elastic model's
+    lowest budget (its highest skips nothing), else the model's own threshold."""
+    if pl_module.elastic_range:
+        low = pl_module.elastic_range[0]
+        threshold = pl_module.threshold_at(low)
+        return threshold, f"budget {low:g} (threshold {probability(threshold):.3g})"
+    threshold = pl_module.skip_threshold
+    return threshold, f"threshold {probability(skip_logit(threshold)):.3g}"
 
 
 # the HParams table's columns: the step reached, final hard-mode quality and compute, of validation and test
@@ -137,8 +141,8 @@ class Dashboard(L.Callback):
         if writer is None or writer.log_dir in self._written:
             return
         self._written.add(writer.log_dir)
-        budgets = getattr(pl_module.budget, "budgets", None)  # an elastic model's
-        writer.add_custom_scalars(layout(pl_module.config.n_layer, budgets))
+        shown = pl_module.budget.shown() if pl_module.elastic_range else None
+        writer.add_custom_scalars(layout(pl_module.config.n_layer, shown))
         # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice,
         # and names with an underscore are LightningCLI's own
         flat: dict = {}
@@ -237,12 +241,12 @@ def _evaluating(pl_module: L.LightningModule) -> Iterator[None]:
         pl_module.train(was_training)
 
 
-def blocks_run(pl_module, tokens: Tensor) -> list[int]:
+def blocks_run(pl_module, tokens: Tensor, threshold: float | Tensor) -> list[int]:
     """Blocks each token runs in hard mode, reading the tokens (T,) in windows of block_size."""
     depths = []
     with _evaluating(pl_module):
         for window in tokens.split(pl_module.config.block_size):
-            _, _, routing = pl_module.model(window[None], mode="hard", threshold=pl_module.skip_threshold)
+            _, _, routing = pl_module.model(window[None], mode="hard", threshold=threshold)
             depths += routing.executed[0].sum(-1).tolist()
     return depths
 
@@ -280,13 +284,12 @@ class DepthMap(L.Callback):
         if writer is None or trainer.sanity_checking or snippet is None:
             return
         glyphs = [visible(pl_module.codec.decode([token])) for token in snippet.tolist()]
-        figure = self.render(
-            glyphs, blocks_run(pl_module, snippet), pl_module.config, pl_module.skip_threshold
-        )
+        threshold, label = operating_point(pl_module)
+        figure = self.render(glyphs, blocks_run(pl_module, snippet, threshold), pl_module.config, label)
         writer.add_figure("depth_map/val", figure, global_step=logged_step(trainer))
         plt.close(figure)
 
-    def render(self, glyphs: list[str], depths: list[int], config: TSAConfig, threshold: float):
+    def render(self, glyphs: list[str], depths: list[int], config: TSAConfig, label: str):
         rows = (len(depths) + self.columns - 1) // self.columns
         cell = 0.14  # inches per character (14 px at TensorBoard's 100 dpi)
         figure, ax = plt.subplots(
@@ -306,8 +309,7 @@ class DepthMap(L.Callback):
         bar = figure.colorbar(mappable, ax=ax, ticks=range(1, config.n_layer + 1), fraction=0.05, pad=0.02)
         bar.set_label("blocks run")
         ax.set_title(
-            f"hard mode, threshold {threshold:g}: "
-            f"mean {sum(depths) / len(depths):.2f} of {config.n_layer} blocks run",
+            f"hard mode, {label}: mean {sum(depths) / len(depths):.2f} of {config.n_layer} blocks run",
             fontsize=9,
         )
         return figure
@@ -320,10 +322,10 @@ class BudgetCurve(L.Callback):
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         writer = _tensorboard(trainer)
-        budgets = getattr(pl_module.budget, "budgets", None)
-        if writer is None or trainer.sanity_checking or budgets is None:
+        if writer is None or trainer.sanity_checking or not pl_module.elastic_range:
             return
         metrics = trainer.callback_metrics
+        budgets = [b for b in pl_module.budget.budgets if f"val/budget_{b:.2f}/bpc" in metrics]
         points = [
             {
                 "budget": b,
@@ -361,19 +363,18 @@ class HardSample(L.Callback):
         prompt = _validation_tokens(trainer, pl_module, n_prompt)
         if writer is None or trainer.sanity_checking or prompt is None:
             return
+        threshold, label = operating_point(pl_module)
         with _evaluating(pl_module):
             new = min(self.new_chars, config.block_size - n_prompt)
             tokens = generate_cached(
-                pl_module.model, [prompt], new, temperature=0, threshold=pl_module.skip_threshold, mode="hard"
+                pl_module.model, [prompt], new, temperature=0, threshold=threshold, mode="hard"
             )[0]
         glyphs = [visible(pl_module.codec.decode([token])) for token in tokens.tolist()]
-        text = self.markdown(
-            glyphs, blocks_run(pl_module, tokens), n_prompt, config, pl_module.skip_threshold
-        )
+        text = self.markdown(glyphs, blocks_run(pl_module, tokens, threshold), n_prompt, config, label)
         writer.add_text("sample/val", text, global_step=logged_step(trainer))
 
     def markdown(
-        self, glyphs: list[str], depths: list[int], n_prompt: int, config: TSAConfig, threshold: float
+        self, glyphs: list[str], depths: list[int], n_prompt: int, config: TSAConfig, label: str
     ) -> str:
         """The sample in rows of `columns` characters, each row over a row of digits: blocks run."""
         digits = "".join(self.DIGITS[d] if d < len(self.DIGITS) else "+" for d in depths)
@@ -383,7 +384,7 @@ class HardSample(L.Callback):
             for i in range(0, len(text), self.columns)
         ]
         return (
-            f"**Greedy sample in hard mode** (threshold {threshold:g}, mean "
+            f"**Greedy sample in hard mode** ({label}, mean "
             f"{sum(depths) / len(depths):.2f} of {config.n_layer} blocks run). The first {n_prompt} "
             "characters are the prompt, from the validation text; under each character, the number of "
             "blocks it ran.\n\n" + "\n".join(rows)

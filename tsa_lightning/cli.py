@@ -39,7 +39,6 @@ from tsa_lightning.callbacks import (
     HardSample,
     PredictionWriter,
     RunProgressBar,
-    shown_budgets,
 )
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import TextDataModule
@@ -50,10 +49,12 @@ from tsa_lightning.evaluation import (
     QUIET,
     markdown_table,
     output_paths,
+    shown_threshold,
     sweep,
+    threshold_key,
     write_outputs,
 )
-from tsa_lightning.model import TSAConfig
+from tsa_lightning.model import TSAConfig, skip_logit
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
     LAST,
@@ -267,8 +268,15 @@ def end_of_run(trainer: Trainer) -> str:
         shown.append("each block ran for " + " ".join(f"{share:.0%}" for share in shares))
     if shown:
         lines.append("  last validation: " + ", ".join(shown))
-    grid = getattr(trainer.lightning_module.budget, "budgets", None)  # an elastic model's
-    budgets = {b: metrics.get(f"val/budget_{b:.2f}/bpc") for b in shown_budgets(grid)} if grid else {}
+    module = trainer.lightning_module
+    shown = module.budget.shown() if module.elastic_range else []
+    budgets = {b: metrics.get(f"val/budget_{b:.2f}/bpc") for b in shown}
+    if shown:
+        low, high = module.elastic_range
+        lines.append(
+            f"  elastic depth:   trained for every budget in [{low:g}, {high:g}]; evaluation and sampling "
+            f"run at {module.budget.budget:g} unless given --budget"
+        )
     if budgets and None not in budgets.values():
         each = ", ".join(f"{b:.2f} {bpc:.4f}" for b, bpc in budgets.items())
         lines.append(f"  bpc by budget:   {each}")
@@ -284,7 +292,7 @@ def end_of_run(trainer: Trainer) -> str:
         log_dir, board = logged
         lines.append(f"  logs:            {log_dir}  (see them: tensorboard --logdir {board})")
     if last is not None and last.path.is_file():
-        at = f" --budget {min(budgets):.2f}" if budgets else ""
+        at = f" --budget {min(shown):.2f}" if shown else ""
         lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}{at}")
     return "\n".join(lines)
 
@@ -493,7 +501,10 @@ def evaluate(
         same_vocabulary(dense, data)
     trained = None if module.config.routing == "none" else module.skip_threshold
     at_budget = {budget: module.threshold_at(budget) for budget in budgets or []}
-    thresholds = sorted({*thresholds, *at_budget.values(), *([trained] if trained is not None else [])})
+    # a threshold given as a probability, or held by a budget in log-odds: one point each
+    unique = {threshold_key(t): t for t in [*thresholds, *at_budget.values(), trained] if t is not None}
+    keys = sorted(unique, key=lambda k: (float(skip_logit(unique[k])), shown_threshold(unique[k])))
+    thresholds = [unique[k] for k in keys]
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -506,11 +517,11 @@ def evaluate(
     result |= {
         "step": module.trained_steps,
         "unit": module.codec.unit,
-        "trained_threshold": trained,
+        "trained_threshold": None if trained is None else shown_threshold(trained),
     }
     labelled = []
-    for point in result["points"]:  # an elastic model's points say their budget (one point each)
-        budgets = [b for b, t in at_budget.items() if t == point["threshold"]]
+    for key, point in zip(keys, result["points"], strict=True):  # an elastic model's say their budget
+        budgets = [b for b, t in at_budget.items() if threshold_key(t) == key]
         labelled += [{**point, "budget": b} for b in budgets] or [point]
     result["points"] = labelled
     if dense is not None:

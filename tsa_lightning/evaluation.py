@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics import Metric, SumMetric
 
+from tsa_lightning.budget import probability
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.metrics import ComputeMetric
 from tsa_lightning.model import Mode, TSATransformer
@@ -34,6 +35,16 @@ QUIET = {  # a scoring Trainer: no logs, checkpoints, progress bar or model summ
 DEFAULT_THRESHOLDS = [round(i / 20, 2) for i in range(21)] + [MAX_THRESHOLD]
 
 
+def shown_threshold(threshold: float | Tensor) -> float:
+    """A threshold as tables show it: a probability (a budget's log-odds converted)."""
+    return probability(threshold) if isinstance(threshold, Tensor) else float(threshold)
+
+
+def threshold_key(threshold: float | Tensor) -> tuple[str, float]:
+    """Tells thresholds apart: a probability as given, or log-odds as a budget holds them."""
+    return ("log-odds", float(threshold)) if isinstance(threshold, Tensor) else ("p", float(threshold))
+
+
 class ThresholdSweep(L.LightningModule):
     """One pass over a split: the soft model once, then hard mode at every threshold, batch by batch.
 
@@ -41,11 +52,11 @@ class ThresholdSweep(L.LightningModule):
     torchmetrics states, which add up over batches and DDP ranks before anything is divided.
     """
 
-    def __init__(self, model: TSATransformer, thresholds: list[float]) -> None:
+    def __init__(self, model: TSATransformer, thresholds: list[float | Tensor]) -> None:
         super().__init__()
         self.model, self.thresholds = model, thresholds
         soft = [("soft", None)] if "soft" in model.reported_modes else []  # not for a non-causal soft mode
-        self.runs: list[tuple[Mode, float | None]] = soft + [("hard", t) for t in thresholds]
+        self.runs: list[tuple[Mode, float | Tensor | None]] = soft + [("hard", t) for t in thresholds]
         self.nats = nn.ModuleList(SumMetric() for _ in self.runs)
         self.targets = SumMetric()
         self.compute = nn.ModuleList(ComputeMetric(model.config) for _ in self.runs)
@@ -83,7 +94,7 @@ class ThresholdSweep(L.LightningModule):
             "targets": int(count),
             "points": [
                 {
-                    "threshold": threshold,
+                    "threshold": shown_threshold(threshold),
                     "bpc": hard["bpc"],
                     "executed_fraction": hard["executed_fraction"],
                     "executed_tlops_saved": hard["executed_tlops_saved"],
@@ -101,7 +112,7 @@ class ThresholdSweep(L.LightningModule):
 def sweep(
     model: TSATransformer,
     data: L.LightningDataModule | DataLoader,
-    thresholds: list[float],
+    thresholds: list[float | Tensor],
     split: str = "test",
     trainer: L.Trainer | None = None,
 ) -> dict:

@@ -4,7 +4,12 @@ Between consecutive pre-norm blocks a small router reads each token's hidden sta
 halting probability p. The next block's two residual updates are scaled by the keep weight
 (1 - p), so training stays end-to-end differentiable (soft mode). At inference a token with
 p > skip_threshold does not run the block at all (hard mode): its state is copied upward, and
-later tokens still read keys and values computed from that copied state.
+later tokens still read keys and values computed from that copied state. Decisions compare the
+router's logit, not p: float32 rounds p to exactly 1 for logits above ~16.6, and no threshold
+could split such tokens.
+
+The `unit` gate makes hard mode's kept tokens add their whole update (training's gradient still
+flows through 1 - p), so a threshold that skips nothing gives the dense network itself.
 
 The dense twin (`routing="none"`) is the same network without routers: same blocks, same
 initialisation, same code path.
@@ -51,7 +56,7 @@ class TSAConfig:
     router_hidden: int | None = shape(None)  # default max(16, n_embd // 4), as published
     router_bias_init: float = -1.0  # sigmoid(-1) ~ 0.27: every token starts mostly kept
     skip_threshold: float = 0.5  # hard mode skips a block when p > skip_threshold
-    gate: Literal["soft", "straight_through"] = "soft"  # how training applies the router (see route)
+    gate: Literal["soft", "straight_through", "unit"] = "soft"  # how the router's p gates a block (see route)
     mod_capacity: float = 0.125  # Mixture-of-Depths baseline: share of each sequence a routed block runs
     mod_every: int = shape(2)  # Mixture-of-Depths baseline: route every mod_every-th block
 
@@ -99,16 +104,32 @@ class Routing:
     halt_probs: Tensor | None  # (B, T, L-1): router l's p, read after block l; None for the dense twin
     executed: Tensor  # (B, T, L) bool: which token ran which block (soft mode runs everything)
     aux_loss: Tensor | None = None  # training term to add to the task loss, if the router has one
+    halt_logits: Tensor | None = None  # (B, T, L-1): the log-odds of halt_probs, which decisions compare
 
 
 @dataclass
 class Decision:
     """How one block runs: who runs it and how strongly their updates count."""
 
-    keep: Tensor | None = None  # (B, T, 1) scale of the block's updates; None: 1
+    scale: Tensor | None = None  # (B, T, 1) scale of the block's updates; None: 1
     kept: Tensor | None = None  # (B, T) bool: tokens that run the block; None: every token
-    halt: Tensor | None = None  # (B, T) the router's halting probability, for the logs
+    halt_logit: Tensor | None = None  # (B, T) the log-odds of the router's halting probability
     aux_loss: Tensor | None = None  # a training term the router adds (baselines)
+
+
+def p_dtype(stream: torch.dtype) -> torch.dtype:
+    """Halting probabilities are float32 at least: in half precision a p near a threshold would tie."""
+    return torch.promote_types(stream, torch.float32)
+
+
+def skip_logit(threshold: float | Tensor) -> float | Tensor:
+    """A skip threshold in the units decisions compare: a probability (a float, as users give one)
+    becomes log-odds (1: +inf, nothing skips; 0: -inf); a tensor (budgets hold theirs so) already is."""
+    if isinstance(threshold, Tensor):
+        return threshold
+    if threshold >= 1.0:
+        return math.inf
+    return -math.inf if threshold <= 0.0 else math.log(threshold) - math.log1p(-threshold)
 
 
 class KVCache(nn.Module):
@@ -232,31 +253,31 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, keep: Tensor | None = None, kept: Tensor | None = None, input_pos: int = 0
+        self, x: Tensor, scale: Tensor | None = None, kept: Tensor | None = None, input_pos: int = 0
     ) -> Tensor:
-        """Tokens with `kept` (B, T) run (None: all), their updates scaled by `keep` (B, T, 1; None: 1).
+        """Tokens with `kept` (B, T) run (None: all), their updates scaled by `scale` (B, T, 1; None: 1).
 
         Dense when every token runs; nothing when none does (but a KV cache still receives their
         keys and values). When some do: gather, compute, scatter - unless most of a full sequence
         runs (`run_for_all_above`): then the block runs for all and drops the skipped updates.
         """
         if kept is None or kept.all():
-            return self.update(x, keep, input_pos)
+            return self.update(x, scale, input_pos)
         if not kept.any():
             if self.attn.kv_cache is not None:
                 self.attn(self.ln_1(x), kept, input_pos)  # writes keys and values, runs no query
             return x
         if kept.size(1) > 1 and kept.float().mean() > self.run_for_all_above:
-            return torch.where(kept[..., None], self.update(x, keep, input_pos), x)
-        h, w = x[kept], None if keep is None else keep[kept]
+            return torch.where(kept[..., None], self.update(x, scale, input_pos), x)
+        h, w = x[kept], None if scale is None else scale[kept]
         h = h + scale_update(self.dropout(self.attn(self.ln_1(x), kept, input_pos)), w)
         h = h + scale_update(self.dropout(self.mlp(self.ln_2(h))), w)
         return x.masked_scatter(kept[..., None], h)
 
-    def update(self, x: Tensor, keep: Tensor | None, input_pos: int) -> Tensor:
+    def update(self, x: Tensor, scale: Tensor | None, input_pos: int) -> Tensor:
         """The block for every token."""
-        x = x + scale_update(self.dropout(self.attn(self.ln_1(x), input_pos=input_pos)), keep)
-        return x + scale_update(self.dropout(self.mlp(self.ln_2(x))), keep)
+        x = x + scale_update(self.dropout(self.attn(self.ln_1(x), input_pos=input_pos)), scale)
+        return x + scale_update(self.dropout(self.mlp(self.ln_2(x))), scale)
 
 
 def router_flops(config: TSAConfig) -> int:
@@ -264,8 +285,8 @@ def router_flops(config: TSAConfig) -> int:
     return 2 * config.router_hidden * (config.n_embd + 1)
 
 
-def scale_update(update: Tensor, keep: Tensor | None) -> Tensor:
-    return update if keep is None else keep * update
+def scale_update(update: Tensor, scale: Tensor | None) -> Tensor:
+    return update if scale is None else scale * update
 
 
 class Router(nn.Module):
@@ -277,12 +298,12 @@ class Router(nn.Module):
         self.out = nn.Linear(config.router_hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        """p in float32 at least: in half precision, p near a threshold or in a tail would tie or vanish."""
-        logit = self.logit(h)
-        return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))
+        return torch.sigmoid(self.logit(h))
 
     def logit(self, h: Tensor) -> Tensor:
-        return self.out(F.relu(self.hidden(h))).squeeze(-1)
+        """The log-odds of p, in float32 at least."""
+        logit = self.out(F.relu(self.hidden(h))).squeeze(-1)
+        return logit.to(p_dtype(logit.dtype))
 
 
 class TSATransformer(nn.Module):
@@ -328,7 +349,8 @@ class TSATransformer(nn.Module):
         threshold: float | Tensor | None = None,
         input_pos: int | None = None,
     ) -> tuple[Tensor, Tensor | None, Routing]:
-        """Returns (logits, loss or None, routing). `threshold` overrides config.skip_threshold.
+        """Returns (logits, loss or None, routing). `threshold` overrides config.skip_threshold: a
+        probability, or a tensor of log-odds (one, or one per row (B,)) as budgets hold them.
 
         With `input_pos` (after `set_kv_cache`), idx holds positions input_pos.. of a sequence whose
         earlier keys and values are cached: the same blocks and routing serve incremental decoding.
@@ -346,20 +368,22 @@ class TSATransformer(nn.Module):
         executed, halts, aux = [everyone], [], []
         for i, block in enumerate(self.blocks[1:]):
             decision = self.route(i, x, mode, threshold, targets)
-            x = block(x, decision.keep, decision.kept, start)
+            x = block(x, decision.scale, decision.kept, start)
             executed.append(everyone if decision.kept is None else decision.kept)
-            if decision.halt is not None:
-                halts.append(decision.halt)
+            if decision.halt_logit is not None:
+                halts.append(decision.halt_logit)
             if decision.aux_loss is not None:
                 aux.append(decision.aux_loss)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        halt_logits = torch.stack(halts, dim=-1) if halts else None
         routing = Routing(
-            halt_probs=torch.stack(halts, dim=-1) if halts else None,
+            halt_probs=None if halt_logits is None else torch.sigmoid(halt_logits).to(p_dtype(x.dtype)),
             executed=torch.stack(executed, dim=-1),
             aux_loss=self.auxiliary_loss(loss, aux),
+            halt_logits=halt_logits,
         )
         return logits, loss, routing
 
@@ -383,26 +407,37 @@ class TSATransformer(nn.Module):
     def route(
         self, i: int, x: Tensor, mode: Mode, threshold: float | Tensor, targets: Tensor | None
     ) -> Decision:
-        """TSA's decision for block i + 1, read from the state after block i."""
+        """TSA's decision for block i + 1, read from the state after block i.
+
+        Hard mode runs the tokens whose p is at most the threshold. Their updates are scaled by
+        1 - p, or count whole under the unit gate. Training's forward (soft mode): the soft gate
+        scales every token's update by 1 - p; the straight-through and unit gates give hard mode's
+        values (a skipped token adds nothing) with the soft gate's gradient.
+        """
         if self.routers is None:
             return Decision()
-        p = self.routers[i](x)
-        keep = (1 - p).unsqueeze(-1).to(x.dtype)
-        kept = ~self.skips(p, threshold)
+        logit = self.routers[i].logit(x)
+        keep = (1 - torch.sigmoid(logit)).unsqueeze(-1).to(x.dtype)
+        kept = ~self.skips(logit, threshold)
+        unit = self.config.gate == "unit"
         if mode == "hard":
-            return Decision(keep=keep, kept=kept, halt=p)
-        if self.config.gate == "straight_through":  # forward as in hard mode, gradient as in soft mode
+            return Decision(scale=None if unit else keep, kept=kept, halt_logit=logit)
+        if unit:  # the value 1 or 0, the gradient of 1 - p
+            return Decision(scale=kept.unsqueeze(-1).to(keep.dtype) + keep - keep.detach(), halt_logit=logit)
+        if self.config.gate == "straight_through":
             keep = keep + (keep * kept.unsqueeze(-1) - keep).detach()
-        return Decision(keep=keep, halt=p)
+        return Decision(scale=keep, halt_logit=logit)
 
-    def skips(self, halt: Tensor, threshold: float | Tensor) -> Tensor:
-        """Hard mode's rule: a token whose router says p > threshold skips the block.
+    def skips(self, halt_logits: Tensor, threshold: float | Tensor) -> Tensor:
+        """Hard mode's rule: a token whose router says p > threshold skips the block, compared in
+        log-odds (`skip_logit`), where float32 splits any two tokens whose router logits differ.
 
         `threshold`: one for every token, or one per row (B,), as elastic training gives each row
         of a batch its own budget."""
+        threshold = skip_logit(threshold)
         if isinstance(threshold, Tensor):
-            threshold = threshold.view(-1, *[1] * (halt.dim() - 1))
-        return halt > threshold
+            threshold = threshold.to(halt_logits.device).view(-1, *[1] * (halt_logits.dim() - 1))
+        return halt_logits > threshold
 
     @staticmethod
     def routed(config: TSAConfig) -> list[int]:
@@ -413,16 +448,16 @@ class TSATransformer(nn.Module):
         """The block each column of `Routing.halt_probs` gates; logs name a router by this block."""
         return [i + 1 for i in self.routed(self.config)]
 
-    def hard_executed(self, halt_probs: Tensor, threshold: float | Tensor) -> Tensor:
+    def hard_executed(self, halt_logits: Tensor, threshold: float | Tensor) -> Tensor:
         """Which token hard mode would run in which block (B, T, L), from the routers' outputs alone."""
-        B, T, _ = halt_probs.shape
-        executed = torch.ones(B, T, self.config.n_layer, dtype=torch.bool, device=halt_probs.device)
-        executed[..., self.gated_blocks()] = ~self.skips(halt_probs, threshold)
+        B, T, _ = halt_logits.shape
+        executed = torch.ones(B, T, self.config.n_layer, dtype=torch.bool, device=halt_logits.device)
+        executed[..., self.gated_blocks()] = ~self.skips(halt_logits, threshold)
         return executed
 
     def executed_share(self, routing: Routing, threshold: float | Tensor) -> Tensor:
         """The share of routed token-block operations that hard mode runs: what a compute budget controls."""
-        return (~self.skips(routing.halt_probs, threshold)).float().mean()
+        return (~self.skips(routing.halt_logits, threshold)).float().mean()
 
     @property
     def steerable(self) -> bool:
@@ -442,13 +477,16 @@ class TSATransformer(nn.Module):
 
     @property
     def reported_modes(self) -> tuple[Mode, ...]:
-        """The modes whose metrics mean something: the dense twin's soft and hard mode are one."""
-        return ("soft", "hard") if self.config.routing != "none" else ("soft",)
+        """The modes whose metrics mean something: the dense twin's soft and hard mode are one, and
+        so are a unit gate's (its soft mode is the trained hard network)."""
+        if self.config.routing == "none":
+            return ("soft",)
+        return ("hard",) if self.config.gate == "unit" else ("soft", "hard")
 
     @property
     def trained_mode(self) -> Mode:
-        """The mode the network was trained as: a straight-through gate trains the hard network."""
-        return "hard" if self.config.gate == "straight_through" else "soft"
+        """The mode the network was trained as: the straight-through and unit gates train the hard network."""
+        return "soft" if self.config.gate == "soft" else "hard"
 
     def auxiliary_loss(self, loss: Tensor | None, terms: list[Tensor]) -> Tensor | None:
         """What training adds to the task loss (the baselines' exit and predictor losses)."""

@@ -8,11 +8,12 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import BudgetThreshold, ElasticBudget, check_budget, check_elastic
+from tsa_lightning.budget import Budgets, check_budget, check_elastic
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
@@ -29,8 +30,8 @@ class TSALanguageModel(L.LightningModule):
     """A character/byte language model whose tokens choose their own depth.
 
     Optimisation is AdamW (decay on matrices only) with linear warmup, then cosine decay to
-    `min_learning_rate` by the last step. Compute budgets (TSA): `BudgetThreshold` (budget.py) sets
-    the skip threshold that holds the budget, `ElasticBudget` those of a whole range of budgets;
+    `min_learning_rate` by the last step. Compute budgets (TSA): `Budgets` (budget.py) sets the
+    skip thresholds that hold one budget or a whole range of them (elastic depth);
     `skip_threshold` is the one evaluation and sampling use, and `config.skip_threshold` is never
     rewritten.
 
@@ -48,19 +49,21 @@ class TSALanguageModel(L.LightningModule):
         compile: run the training forward through torch.compile (evaluation and the sparse hard
             mode stay eager).
         compute_budget: share of the routed token-blocks (blocks 1..L-1) that hard mode should run,
-            in (0, 1]; needs the straight-through gate. None: no budget. With elastic_budgets: the
-            budget that evaluation and sampling use unless asked for another (default: the highest).
+            in (0, 1]; needs the unit or straight-through gate. None: no budget. With
+            elastic_budgets: the budget that evaluation and sampling use unless asked for another
+            (default: the highest).
         elastic_budgets: [lowest, highest] budget: train one network for every budget in the range
-            (elastic depth; needs the straight-through gate), and calibrate a threshold every 0.05
-            of budget at each validation. None: one budget, or none.
+            (elastic depth; needs the unit or straight-through gate), trained every 0.05 and
+            calibrated every 0.01 of budget. None: one budget, or none.
         elastic_top_share: share of each batch's rows that train at the highest elastic budget; the
             others take the grid's budgets in turn (0: every budget alike).
         budget_momentum: share of the way (in log-odds) the training threshold moves towards each
-            batch's budget-quantile of p.
+            batch's budget-quantile of the router logits.
         init_from: a dense checkpoint (routing "none") of the same trunk to start from (retrofitting);
             the routers are new.
-        distill_weight: weight of the KL divergence from the `init_from` model's next-token
-            distribution to this model's (0: no distillation).
+        distill_weight: weight of the KL divergence from a teacher's next-token distribution to this
+            model's: an elastic model's own prediction at full depth of the same text, for every row
+            trained below it (in-place distillation), else the `init_from` model (0: none).
     """
 
     def __init__(
@@ -91,21 +94,29 @@ class TSALanguageModel(L.LightningModule):
                 f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
             )
         self.model = build_model(self.config)
-        self.budget: BudgetThreshold | ElasticBudget | None = None
+        self.budget: Budgets | None = None
         initial = self.config.skip_threshold
         if elastic_budgets is not None:
             low, high = check_elastic(elastic_budgets, compute_budget)
             check_budget(self.model, low, budget_momentum, depth_loss_weight, option="elastic_budgets")
             if not 0.0 <= elastic_top_share < 1.0:
                 raise ConfigError(f"elastic_top_share must be in [0, 1), got {elastic_top_share}")
-            self.budget = ElasticBudget(
-                low, high, budget_momentum, initial, compute_budget, top_share=elastic_top_share
+            self.budget = Budgets.elastic(
+                low, high, budget_momentum, initial, default=compute_budget, top_share=elastic_top_share
+            )
+        elif elastic_top_share:
+            raise ConfigError(
+                "elastic_top_share shares a batch between the budgets of elastic_budgets; set "
+                "--model.elastic_budgets too, or leave elastic_top_share at 0"
             )
         elif compute_budget is not None:
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
-            self.budget = BudgetThreshold(compute_budget, budget_momentum, initial)
-        if distill_weight and init_from is None:
-            raise ConfigError("distill_weight needs init_from: the dense checkpoint to distil from")
+            self.budget = Budgets([compute_budget], budget_momentum, initial)
+        if distill_weight and init_from is None and elastic_budgets is None:
+            raise ConfigError(
+                "distill_weight needs a teacher: init_from (a dense checkpoint) or elastic_budgets "
+                "(the network at full depth)"
+            )
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
         self.trained_steps = 0  # a loaded checkpoint's step
         self.codec = Codec(alphabet)
@@ -116,7 +127,7 @@ class TSALanguageModel(L.LightningModule):
         )
         self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in STAGES})
         # an elastic model's validation scores every budget of its grid
-        grid = self.budget.budgets if isinstance(self.budget, ElasticBudget) else []
+        grid = self.budget.budgets if self.elastic_range else []
         self.budget_bits = torch.nn.ModuleList(Bits() for _ in grid)
         self.budget_compute = torch.nn.ModuleList(ComputeMetric(self.config) for _ in grid)
         # a compiled function, not a module: the state dict keeps one copy of the weights
@@ -135,7 +146,7 @@ class TSALanguageModel(L.LightningModule):
             return
         dense = load_dense_trunk(self.hparams.init_from, self.config)
         self.model.load_state_dict(dense.state_dict(), strict=False)
-        if self.hparams.distill_weight:
+        if self.hparams.distill_weight and not self.elastic_range:  # elastic: its own full depth teaches
             # a plain attribute, not a submodule: never trained, never in this model's checkpoints
             object.__setattr__(self, "teacher", dense.to(self.device).eval().requires_grad_(False))
 
@@ -149,17 +160,15 @@ class TSALanguageModel(L.LightningModule):
             total = total + self.hparams.depth_loss_weight * keep
         if self.budget is not None:
             self.log_dict(self.follow_budget(routing, threshold))
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)[0]
-            kl = distillation_kl(teacher_logits, logits)
+        if self.hparams.distill_weight:
+            kl = self.distillation(x, logits, threshold)
             total = total + self.hparams.distill_weight * kl
             self.log("train/distill_kl", kl)
         if routing.halt_probs is not None and self.global_step % self.trainer.log_every_n_steps == 0:
-            halts = routing.halt_probs.detach()
+            halts = routing.halt_logits.detach()
             # what hard mode would run on this batch, under the names validation uses
             executed = self.model.hard_executed(halts, threshold)
-            self._log_compute("train", report(self.config, Routing(halts, executed)))
+            self._log_compute("train", report(self.config, Routing(routing.halt_probs.detach(), executed)))
         if not torch.isfinite(total):
             raise TrainingDiverged(
                 f"training loss became {total.item()} at step {self.global_step}; stopped before it could "
@@ -175,40 +184,58 @@ class TSALanguageModel(L.LightningModule):
             "halt_probs": None if routing.halt_probs is None else routing.halt_probs.detach(),
         }
 
+    def distillation(self, x: Tensor, logits: Tensor, threshold: float | Tensor) -> Tensor:
+        """KL from the teacher's next-token distribution: the `init_from` model's, or (elastic) this
+        network's own at full depth, for the rows trained below it - the teacher's pass runs
+        without dropout or gradient, on those rows only."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)[0]
+            return distillation_kl(teacher_logits, logits)
+        below = ~torch.isinf(threshold)
+        if not below.any():
+            return logits.new_zeros(())
+        self.model.eval()
+        with torch.no_grad():
+            teacher_logits = self.model(x[below], mode="hard", threshold=1.0)[0]
+        self.model.train()
+        return distillation_kl(teacher_logits, logits[below])
+
     def train_threshold(self, batch_size: int) -> float | Tensor:
-        """The straight-through gate's threshold: the budget's running one (an elastic model's: one
-        per row, for the budget the row trains this step), else the configured one."""
-        if isinstance(self.budget, ElasticBudget):
-            return self.budget.row_thresholds(batch_size, self.global_step, self.global_rank)
-        return float(self.budget.running) if self.budget is not None else self.config.skip_threshold
+        """The gate's threshold in training: one per row (log-odds) for the budget the row trains
+        this step, else the configured one."""
+        if self.budget is None:
+            return self.config.skip_threshold
+        trainer = self.trainer
+        return self.budget.row_thresholds(
+            batch_size, self.global_step, trainer.global_rank, trainer.world_size
+        )
 
     @property
-    def skip_threshold(self) -> float:
-        """Hard mode's threshold in evaluation and sampling: the budget's, else the configured one."""
+    def skip_threshold(self) -> float | Tensor:
+        """Hard mode's threshold in evaluation and sampling: the budget's (log-odds), else the configured."""
         return self.budget.threshold if self.budget is not None else self.config.skip_threshold
 
-    def follow_budget(self, routing: Routing, threshold: float | Tensor) -> dict[str, float | Tensor]:
-        """Move the threshold towards the global batch's budget-quantile of p (one threshold on every
-        rank: the quantile of the p of the whole global batch); returns what to log: the budget, the
-        share this batch ran and the threshold (an elastic model: means over the rows)."""
+    def follow_budget(self, routing: Routing, threshold: Tensor) -> dict[str, float | Tensor]:
+        """Move each budget's threshold towards its quantile of the global batch's router logits (the
+        same on every rank); returns what to log: the mean budget the batch trained, the share it
+        ran and the thresholds it ran at (as probabilities, means over the rows)."""
         executed = self.model.executed_share(routing, threshold).detach()
         executed = self.trainer.strategy.reduce(executed, reduce_op="mean")
-        halts = self.all_gather(routing.halt_probs.detach())
-        if isinstance(self.budget, ElasticBudget):
-            self.budget.follow(halts, self.global_step)
-            rows = len(routing.halt_probs) * self.trainer.world_size  # the global batch's
-            budget = self.budget.mean_budget(rows, self.global_step)
-            threshold = self.budget.row_thresholds(rows, self.global_step).mean()
-        else:
-            self.budget.follow(halts)
-            budget = self.budget.budget
-        return {"train/budget": budget, "train/executed_share": executed, "train/skip_threshold": threshold}
+        used = torch.sigmoid(threshold.double()).mean()
+        used = self.trainer.strategy.reduce(used, reduce_op="mean")
+        budget = self.budget.row_budgets(
+            len(routing.halt_logits), self.global_step, self.global_rank, self.trainer.world_size
+        ).mean()
+        budget = self.trainer.strategy.reduce(budget.to(self.device), reduce_op="mean")
+        self.budget.follow(self.all_gather(routing.halt_logits.detach()), self.global_step)
+        return {"train/budget": budget, "train/executed_share": executed, "train/skip_threshold": used}
 
-    def threshold_at(self, budget: float | None) -> float:
+    def threshold_at(self, budget: float | None) -> float | Tensor:
         """Hard mode's threshold for a budget (None: the model's own), from an elastic model's table."""
         if budget is None:
             return self.skip_threshold
-        if not isinstance(self.budget, ElasticBudget):
+        if not self.elastic_range:
             raise ConfigError(
                 "a budget can be chosen only for a model trained with elastic_budgets; this one runs "
                 + ("at its trained budget" if self.budget is not None else "at a skip threshold")
@@ -216,7 +243,7 @@ class TSALanguageModel(L.LightningModule):
             )
         return self.budget.threshold_at(budget)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Routing]:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> dict[str, Routing]:
         x, y = batch
         losses, routings = {}, {}
         for mode in self.modes:
@@ -230,30 +257,49 @@ class TSALanguageModel(L.LightningModule):
             for name, metric in metrics.items():
                 self.log(name, metric, prog_bar=name.endswith("/bpc"))
         routings.setdefault("hard", routings.get("soft"))
-        if stage == "val" and isinstance(self.budget, ElasticBudget):
-            self._evaluate_budgets(x, y)
+        valid = y != IGNORE_INDEX
+        if stage == "val" and self.elastic_range:
+            self._evaluate_budgets(x, y, batch_idx)
         elif stage == "val" and self.budget is not None:
-            self.budget.val_quantile.update(routings["hard"].halt_probs, y != IGNORE_INDEX)
+            self.budget.observe(routings["hard"].halt_logits, valid)
         # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
         soft = routings.get("soft", routings["hard"])
-        self.eval_compute[stage].update(
-            Routing(soft.halt_probs, routings["hard"].executed), y != IGNORE_INDEX
-        )
+        self.eval_compute[stage].update(Routing(soft.halt_probs, routings["hard"].executed), valid)
         return routings
 
-    def _evaluate_budgets(self, x: Tensor, y: Tensor) -> None:
-        """An elastic model: one hard-mode pass per grid budget, which scores it and calibrates it."""
+    def _evaluate_budgets(self, x: Tensor, y: Tensor, batch_idx: int) -> None:
+        """An elastic model: each budget of the grid scored in hard mode, which also calibrates it.
+
+        While training, one pass whose rows run the grid's budgets in turn (each budget sees its
+        share of the split, at the cost of one pass); the last validation of a fit and `validate`
+        run every budget on every row, so the table that evaluation and sampling use is calibrated
+        on the whole split."""
+        B, G = len(x), len(self.budget.budgets)
+        if self.trainer.state.fn == "fit" and self.global_step < self.trainer.max_steps:
+            passes = [self.budget.validation_rows(B, batch_idx, self.global_rank, self.trainer.world_size)]
+        else:
+            passes = [torch.full((B,), g) for g in range(G)]
+        thresholds = torch.stack([self.budget.threshold_at(b) for b in self.budget.budgets])
         valid = y != IGNORE_INDEX
-        for point, bits, compute in zip(
-            self.budget.points, self.budget_bits, self.budget_compute, strict=True
-        ):
-            _, loss, routing = self.model(x, y, mode="hard", threshold=point.threshold)
-            point.val_quantile.update(routing.halt_probs, valid)
-            bits.update(loss, y)
-            compute.update(routing, valid)
+        for points in passes:
+            logits, _, routing = self.model(
+                x, mode="hard", threshold=thresholds[points.to(thresholds.device)]
+            )
+            self.budget.observe(routing.halt_logits, valid, points)
+            losses = F.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view_as(y)
+            points = points.to(x.device)
+            for g in points.unique().tolist():
+                rows = points == g
+                if valid[rows].any():
+                    self.budget_bits[g].update(losses[rows][valid[rows]].mean(), y[rows])
+                    self.budget_compute[g].update(
+                        Routing(routing.halt_probs[rows], routing.executed[rows]), valid[rows]
+                    )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
         return self._evaluate(batch, "test")
@@ -265,19 +311,19 @@ class TSALanguageModel(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
-        if isinstance(self.budget, ElasticBudget):
+        if self.elastic_range:
             self._log_budgets()
         if self.budget is None:
             return
         if self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
-            for point in getattr(self.budget, "points", [self.budget]):
-                point.val_quantile.reset()
-        elif isinstance(self.budget, ElasticBudget):
-            calibrated = self.budget.calibrate()
+            self.budget.reset()
+            return
+        calibrated = self.budget.calibrate()
+        if self.elastic_range:
             names = [f"val/budget_{b:.2f}/calibrated_threshold" for b in self.budget.budgets]
             self.log_dict(dict(zip(names, calibrated, strict=True)))
         else:
-            self.log("val/calibrated_threshold", self.budget.calibrate())
+            self.log("val/calibrated_threshold", calibrated[0])
 
     def _log_budgets(self) -> None:
         """Each grid budget's bpc, FLOPs saved and routed share executed (at the thresholds it ran)."""
@@ -285,6 +331,8 @@ class TSALanguageModel(L.LightningModule):
         for budget, bits, compute in zip(
             self.budget.budgets, self.budget_bits, self.budget_compute, strict=True
         ):
+            if not compute.tokens:  # a split too small to reach this budget's rows
+                continue
             report = compute.compute()
             shares = [report.executed_per_layer[b] for b in gated]
             name = f"val/budget_{budget:.2f}"
@@ -334,10 +382,17 @@ class TSALanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
         self.trained_steps = int(checkpoint.get("global_step", 0))
-        if "budget.running" in checkpoint["state_dict"] and self.budget is None:
+        budgeted = "budget.running" in checkpoint["state_dict"]
+        if budgeted and self.budget is None:
             raise ConfigError(
                 "the checkpoint was trained with a compute budget; give the run's compute_budget "
                 "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
+            )
+        if self.budget is not None and not budgeted:
+            raise ConfigError(
+                "the checkpoint was trained without a compute budget, so it has no threshold for one; "
+                "drop compute_budget and choose a threshold instead (--model.config.skip_threshold, or "
+                "evaluate --thresholds to sweep them)"
             )
         # (kept apart from the hyperparameters, which loading may override; older checkpoints: there)
         trained = checkpoint.get("elastic_budgets", checkpoint["hyper_parameters"].get("elastic_budgets"))
@@ -382,8 +437,7 @@ class TSALanguageModel(L.LightningModule):
     @property
     def elastic_range(self) -> list[float] | None:
         """The range of budgets an elastic model was trained for."""
-        budgets = getattr(self.budget, "budgets", None)
-        return None if budgets is None else [budgets[0], budgets[-1]]
+        return None if self.budget is None else self.budget.elastic_range
 
     def configure_optimizers(self):
         hp = self.hparams
