@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, write_corpus
+from tsa_lightning.budget import budget_grid
 from tsa_lightning.cli import main as cli_main
 
 BENCHMARKS = REPO / "benchmarks"
@@ -67,7 +68,8 @@ def test_a_suite_runs_its_commands_and_merges_them(tiny_shape, tmp_path, monkeyp
     result = subprocess.run(["sh", "-c", dense], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test --config" in budget and "evaluate" not in budget
-    assert "--budgets=[1.0,0.85,0.7,0.5,0.35]" in elastic  # one checkpoint scored at every budget
+    grid = ",".join(str(b) for b in reversed(budget_grid(0.35, 1.0)))
+    assert f"--budgets=[{grid}]" in elastic  # one checkpoint scored at every budget of its grid
     assert f"--model.init_from={out}/runs/dense_seed0/checkpoints/last.ckpt" in retrofit
     for line in (budget, elastic, retrofit):
         for command in line.split(" && "):  # in this process: the same arguments, without a second start-up

@@ -232,3 +232,22 @@ def test_a_retrofit_from_another_shape_is_refused_in_one_line(tmp_path, small_co
         )
     )
     assert "has another trunk" in message and "n_embd=32 (this model: 16)" in message
+
+
+def test_an_elastic_retrofit_starts_as_the_dense_model_at_budget_one(tmp_path):
+    """Unit gate: budget 1.0 runs every block at full strength, so the fine-tune starts from the
+    dense model's very logits, however open the new routers are; its own full depth teaches."""
+    dense = dense_checkpoint(tmp_path / "dense.ckpt").eval()
+    config = TSAConfig(vocab_size=11, routing="tsa", gate="unit", **SHAPE)
+    retrofit = TSALanguageModel(
+        config, init_from=str(tmp_path / "dense.ckpt"), elastic_budgets=[0.4, 1.0], distill_weight=1.0
+    )
+    retrofit.setup("fit")
+    assert retrofit.teacher is None  # in-place distillation: no second model
+    idx = tokens(B=2, T=32)
+    with torch.no_grad():
+        expected = dense.model(idx)[0]
+        logits, _, routing = retrofit.eval().model(idx, mode="hard", threshold=retrofit.threshold_at(1.0))
+        skipping = retrofit.model(idx, mode="hard", threshold=0.1)[0]
+    assert torch.equal(logits, expected) and routing.executed.all()
+    assert not torch.equal(skipping, expected)  # the routers do decide below budget 1.0

@@ -311,7 +311,7 @@ def test_compiled_sampling_prints_no_compiler_notes(trained_run):
     ckpt = "runs/cpu/checkpoints/last.ckpt"
     result = cli("sample", f"--ckpt_path={ckpt}", "--compile=true", "--max_new_tokens=40", cwd=trained_run)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.strip() == "[hard mode, KV-cache decoding, compiled]", result.stderr
+    assert result.stderr.strip() == "[hard mode at threshold 0.5, KV-cache decoding, compiled]", result.stderr
 
 
 def test_sample_command_line(trained_run):
@@ -320,7 +320,8 @@ def test_sample_command_line(trained_run):
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout) >= 25
-    assert "hard mode, KV-cache decoding" in result.stderr  # the CPU config trains a straight-through gate
+    # the CPU config trains a straight-through gate: hard mode, at the threshold it was trained with
+    assert "[hard mode at threshold 0.5, KV-cache decoding]" in result.stderr
 
 
 @pytest.mark.parametrize(

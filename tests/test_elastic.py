@@ -289,14 +289,14 @@ def test_under_ddp_every_window_trains_at_the_budget_one_process_gives_it(small_
     options = {"precision": "64-true", "gate": "unit", **budget}
     single = fit(small_corpus, "auto", 1, batch_size=8, **options)
     ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4, callbacks=[RanksAgree()], **options)
+    for key in ("train/skip_threshold", "train/budget", "train/executed_share"):  # training: exactly
+        assert ddp[key] == pytest.approx(single[key], rel=1e-12), key
+    # validation: DDP's sampler pads the split to a multiple of the ranks, so a window may count twice
     calibrated = [key for key in ddp if key.endswith("calibrated_threshold")]
-    assert len(calibrated) == len(budget_grid(0.4, 1.0))
-    for key in [*calibrated, "train/skip_threshold", "train/budget", "val/hard/loss"]:
-        assert ddp[key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), key
     per_budget = [key for key in ddp if re.match(r"val/budget_.*/bpc", key)]
-    assert len(per_budget) == len(calibrated)
-    for key in per_budget:
-        assert ddp[key] == pytest.approx(single[key], rel=1e-9), key
+    assert len(calibrated) == len(per_budget) == len(budget_grid(0.4, 1.0))
+    for key in [*calibrated, *per_budget, "val/hard/loss"]:
+        assert ddp[key] == pytest.approx(single[key], rel=1e-3), key
 
 
 @pytest.mark.parametrize(
@@ -345,7 +345,8 @@ def test_sample_at_a_budget_decodes_at_the_threshold_its_table_gives(trained, ca
     module = TSALanguageModel.load_from_checkpoint(trained)
     common = {"ckpt_path": str(trained), "prompt": "a", "max_new_tokens": 40, "temperature": 0}
     at_budget = sample(**common, budget=0.45)
-    assert at_budget == sample(**common, threshold=module.threshold_at(0.45))
+    assert at_budget == sample(**common, threshold=probability(module.threshold_at(0.45)))
+    assert re.search(r"\[hard mode at budget 0.45, threshold 0\.\d+", capsys.readouterr().err)
     with pytest.raises(ConfigError, match="not both"):
         sample(**common, budget=0.45, threshold=0.5)
     with pytest.raises(ConfigError, match="not both"):

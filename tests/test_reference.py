@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import quiet_trainer
+from tsa_lightning.accounting import dense_twin_flops, forward_flops
 from tsa_lightning.baselines import build_model
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import Block, TSAConfig
@@ -142,6 +143,16 @@ def tsa_rule(model, threshold=None):
         p = ref_router(h, model.routers[l - 1])
         run = None if threshold is None else p <= threshold
         return 1 - p, run, p
+
+    return decide
+
+
+def unit_rule(model, threshold):
+    """The unit gate in hard mode: a token runs iff p <= t, and then adds its whole update."""
+
+    def decide(l, h):
+        p = ref_router(h, model.routers[l - 1])
+        return None, p <= threshold, p
 
     return decide
 
@@ -324,13 +335,51 @@ def test_a_token_whose_p_equals_the_threshold_runs_and_one_above_skips(monkeypat
 # ---------------------------------------------------------------- cached decoding
 
 
-@pytest.mark.parametrize("routing", ["tsa", "early_exit", "mod"])
+def test_unit_gate_forwards_match_the_reference_on_both_block_paths_and_train_the_router():
+    """Hard mode (run-for-all and gathered paths) and the unit gate's training forward equal one
+    reference in which a kept token adds its whole update; the router still gets a gradient."""
+    model = make(gate="unit")
+    idx = tokens()
+    t = between(ref_forward(model, idx, tsa_rule(model))[2])
+    expected, run, halts = ref_forward(model, idx, unit_rule(model, t))
+    assert_clear_of(halts, t)
+    assert_mixed(run)
+    scaled, _, _ = ref_forward(model, idx, tsa_rule(model, t))  # the (1 - p) gate differs here
+    assert (scaled - expected).abs().max() > 1e-3
+    for run_for_all_above in (1.0, 0.0):
+        for block in model.blocks:
+            block.run_for_all_above = run_for_all_above
+        logits, _, routing = model(idx, mode="hard", threshold=t)
+        torch.testing.assert_close(logits, expected, **TOL)
+        assert torch.equal(routing.executed, run)
+    model.train()
+    logits, _, _ = model(idx, mode="soft", threshold=t)
+    torch.testing.assert_close(logits, expected, **TOL)
+    logits.square().mean().backward()
+    assert all(r.out.weight.grad.abs().sum() > 0 for r in model.routers)  # straight-through: 1 - p
+
+
+def test_unit_gate_at_budget_one_is_the_network_without_routers_and_costs_the_routers_more():
+    model = make(gate="unit")
+    dense = make("none")
+    dense.load_state_dict(model.state_dict(), strict=False)
+    idx = tokens()
+    logits, _, routing = model(idx, mode="hard", threshold=1.0)
+    assert torch.equal(logits, dense(idx)[0]) and routing.executed.all()
+    expected = ref_forward(dense, idx, dense_rule(dense))[0]
+    torch.testing.assert_close(logits, expected, **TOL)
+    B, T = idx.shape
+    routers = B * T * (SHAPE["n_layer"] - 1) * 2 * model.config.router_hidden * (SHAPE["n_embd"] + 1)
+    assert forward_flops(model.config, routing.executed) == dense_twin_flops(model.config, B, T) + routers
+
+
+@pytest.mark.parametrize("routing", ["tsa", "unit", "early_exit", "mod"])
 def test_cached_decoding_token_by_token_equals_full_recomputation(routing):
     """A prompt prefilled into the KV cache, then one token per step (what inference.py does); each step's
     logits and skips equal the reference recomputed from scratch over the whole prefix."""
-    model = make(routing)
+    model = make("tsa", gate="unit") if routing == "unit" else make(routing)
     idx = tokens(B=3, T=14, seed=4)
-    rule = {"tsa": tsa_rule, "early_exit": early_exit_rule, "mod": mod_rule}[routing]
+    rule = {"tsa": tsa_rule, "unit": unit_rule, "early_exit": early_exit_rule, "mod": mod_rule}[routing]
     halts = ref_forward(model, idx, rule(model, 2.0))[2]  # t = 2: nobody skips; the values to split
     t = between(halts)
     _, run, halts = ref_forward(model, idx, rule(model, t))

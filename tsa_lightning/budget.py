@@ -104,6 +104,7 @@ def check_budget(
 GRID_STEP = 0.05  # an elastic model's thresholds are trained and scored every GRID_STEP of budget
 TABLE_STEP = 0.01  # ... and calibrated every TABLE_STEP, the precision a budget is named to
 START_LIMIT = 30.0  # log-odds: a training threshold starts at most this far out
+REFINEMENTS = 3  # per-batch steps towards each budget's threshold before a thorough calibration's pass
 SHOWN = (1.0, 0.85, 0.7, 0.5)  # the budgets an elastic run's chart and summary show, besides its ends
 
 
@@ -169,7 +170,10 @@ class Budgets(nn.Module):
         self.register_buffer(
             "table", torch.full((len(self.table_budgets),), math.nan)
         )  # none before a validation
-        self.quantiles = nn.ModuleList(HaltQuantile(b) for b in budgets)
+        # one sample per table budget; an elastic model's are smaller, as it keeps one per 0.01
+        per_batch = 16384 if len(budgets) == 1 else 4096
+        self.quantiles = nn.ModuleList(HaltQuantile(b, per_batch) for b in self.table_budgets)
+        self.grid_index = [self.table_budgets.index(b) for b in budgets]  # grid point -> table entry
 
     @classmethod
     def elastic(cls, low: float, high: float, momentum: float, initial: float, **kwargs) -> Budgets:
@@ -224,37 +228,69 @@ class Budgets(nn.Module):
 
     # -- validation --
 
-    def validation_rows(self, batch_size: int, batch_idx: int, rank: int = 0, world_size: int = 1) -> Tensor:
-        """The grid point each row of a validation batch is scored at: every point in turn."""
+    def validation_passes(
+        self, batch_size: int, batch_idx: int, thorough: bool, rank: int = 0, world_size: int = 1
+    ) -> list[Tensor]:
+        """The hard-mode passes that score and calibrate a validation batch: for each, the table
+        entry (B,) each row runs at. While training, one pass whose rows take the grid's budgets in
+        turn; a thorough calibration, one pass per table budget over every row."""
+        if thorough:
+            return [torch.full((batch_size,), k) for k in range(len(self.table_budgets))]
         row = torch.arange(batch_size) * world_size + rank
-        return (row + batch_idx * batch_size * world_size) % len(self.budgets)
+        grid = torch.tensor(self.grid_index)
+        return [grid[(row + batch_idx * batch_size * world_size) % len(self.budgets)]]
+
+    def validation_thresholds(self) -> Tensor:
+        """Each table budget's threshold for validation's first pass: the last calibrated table's
+        (without dropout the routers' logits sit away from training's), else training's."""
+        if not self.table.isnan().any():
+            return self.table.clone()
+        return torch.stack([self.interpolated(b, self.budgets, self.running) for b in self.table_budgets])
+
+    def batch_thresholds(self, halt_logits: Tensor, valid: Tensor, points: Tensor) -> Tensor:
+        """Each row's threshold refined on one validation batch: its budget's quantile of the router
+        logits its budget's rows produced. A threshold moved changes which blocks earlier tokens
+        ran, and so the logits later routers give: a step or two of this settles where the share
+        is the budget."""
+        thresholds = torch.full((len(points),), math.inf, device=halt_logits.device)
+        points = points.to(halt_logits.device)
+        for k in points.unique().tolist():
+            rows = points == k
+            if self.table_budgets[k] < 1.0 and valid[rows].any():
+                thresholds[rows] = order_statistic(halt_logits[rows][valid[rows]], self.table_budgets[k])
+        return thresholds
 
     def observe(self, halt_logits: Tensor, valid: Tensor, points: Tensor | None = None) -> None:
-        """A validation batch's scores in hard mode, each row at grid point `points` (B,) (None: 0)."""
+        """A validation batch's scores in hard mode, each row at table entry `points` (B,) (None: 0)."""
         points = torch.zeros(len(halt_logits), dtype=torch.long) if points is None else points.cpu()
-        for g, quantile in enumerate(self.quantiles):
-            if (points == g).any():
-                quantile.update(halt_logits[points == g], valid[points == g])
+        for k in points.unique().tolist():
+            self.quantiles[k].update(halt_logits[points == k], valid[points == k])
 
     def calibrate(self) -> list[float]:
-        """Each table budget's threshold from the nearest grid point's validation scores; the grid's
-        as probabilities. Validating again without training refines the table: moving a threshold
-        changes which blocks earlier tokens ran, and so the scores later routers see, so a second
-        and third validation of a finished model step half-way from the last threshold to the new
-        quantile, which settles where the share is the budget."""
-        refine = self.calibrated_now
-        table = []
-        for b, old in zip(self.table_budgets, self.table.tolist(), strict=True):
-            g = min(range(len(self.budgets)), key=lambda g: abs(self.budgets[g] - b))
-            if b >= 1.0 or self.quantiles[g].empty:
-                table.append(math.inf if b >= 1.0 else float(self.running[g]))
-                continue
-            new = float(self.quantiles[g].at(b))
-            table.append(old + 0.5 * (new - old) if refine and math.isfinite(old) else new)
+        """Each table budget's threshold: the quantile of the scores its own pass saw; a budget that
+        had no pass (while training, only the grid's run) is interpolated between the grid's. Returns
+        the grid's thresholds, as probabilities. A single budget's second and third validation of a
+        finished model step half-way from the last threshold to the new quantile (a moved threshold
+        changes the scores later routers see), which settles where the share is the budget; an
+        elastic model's thorough calibration settles it batch by batch (`batch_thresholds`)."""
+        refine = self.calibrated_now and len(self.budgets) == 1
+        table = self.table.tolist()
+        for k, (b, quantile) in enumerate(zip(self.table_budgets, self.quantiles, strict=True)):
+            if b >= 1.0:
+                table[k] = math.inf
+            elif not quantile.empty:
+                new = float(quantile.at(b))
+                table[k] = table[k] + 0.5 * (new - table[k]) if refine and math.isfinite(table[k]) else new
+            elif k in self.grid_index:
+                table[k] = float(self.running[self.grid_index.index(k)])
+        grid = torch.tensor([table[k] for k in self.grid_index])
+        for k, b in enumerate(self.table_budgets):
+            if self.quantiles[k].empty and k not in self.grid_index:
+                table[k] = float(self.interpolated(b, self.budgets, grid))
         self.table.copy_(torch.tensor(table))
         self.calibrated_from.copy_(self.running)
         self.reset()
-        return [probability(self.threshold_at(b)) for b in self.budgets]
+        return [probability(self.table[k]) for k in self.grid_index]
 
     def reset(self) -> None:
         for quantile in self.quantiles:
@@ -275,13 +311,17 @@ class Budgets(nn.Module):
         if not low - 1e-9 <= budget <= high + 1e-9:
             raise ConfigError(f"budget {budget} is outside the trained range [{low}, {high}] of this model")
         if self.calibrated_now:
-            budgets, thresholds = self.table_budgets, self.table
-        else:
-            budgets, thresholds = self.budgets, self.running
+            return self.interpolated(budget, self.table_budgets, self.table)
+        return self.interpolated(budget, self.budgets, self.running)
+
+    @staticmethod
+    def interpolated(budget: float, budgets: list[float], thresholds: Tensor) -> Tensor:
+        """The threshold at `budget` from thresholds at sorted `budgets`: linear in log-odds between
+        neighbours; below an infinite one (budget 1.0), the last finite one."""
         upper = next(i for i, b in enumerate(budgets) if b >= budget - 1e-9)
         if upper == 0 or abs(budgets[upper] - budget) < 1e-9:
             return thresholds[upper].clone()
-        if not torch.isfinite(thresholds[upper]):  # towards budget 1.0: the last finite one
+        if not torch.isfinite(thresholds[upper]):
             return thresholds[upper - 1].clone()
         share = (budget - budgets[upper - 1]) / (budgets[upper] - budgets[upper - 1])
         return thresholds[upper - 1].lerp(thresholds[upper], share)
@@ -290,22 +330,6 @@ class Budgets(nn.Module):
     def threshold(self) -> Tensor:
         """The default budget's threshold (log-odds)."""
         return self.threshold_at(self.budget)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Checkpoints that held thresholds as probabilities, one module per grid point."""
-        old = [f"{prefix}running", *(f"{prefix}points.{g}.running" for g in range(len(self.budgets)))]
-        if f"{prefix}calibrated_from" not in state_dict and any(k in state_dict for k in old):
-            grid = (
-                [state_dict.pop(f"{prefix}running")]
-                if f"{prefix}running" in state_dict
-                else [state_dict.pop(f"{prefix}points.{g}.running") for g in range(len(self.budgets))]
-            )
-            for key in [k for k in state_dict if k.startswith(prefix) and "calibrated" in k]:
-                state_dict.pop(key)
-            state_dict[f"{prefix}running"] = torch.stack([torch.logit(p.double()).float() for p in grid])
-            state_dict[f"{prefix}calibrated_from"] = torch.full((len(self.budgets),), math.nan)
-            state_dict[f"{prefix}table"] = torch.full((len(self.table_budgets),), math.nan)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def probability(threshold: float | Tensor) -> float:

@@ -107,9 +107,9 @@ HPARAM_METRICS = tuple(
     for stage in ("val", "test")
     for name in ("step", "hard/bpc", "tlops_saved_executed", "flops_saved", "tlops_saved_paper")
 )
-# the options that tell the variants apart lead the HParams table
-# (TensorBoard shows five at first: the variant's four options and the depth)
-HPARAM_LEAD = ("routing", "gate", "compute_budget", "depth_loss_weight", "n_layer")
+# the options that tell the variants apart lead the HParams table (TensorBoard shows the first five at
+# first: an elastic run's range among them)
+HPARAM_LEAD = ("routing", "gate", "compute_budget", "elastic_budgets", "depth_loss_weight", "n_layer")
 
 
 class Dashboard(L.Callback):
@@ -460,5 +460,13 @@ class RunProgressBar(TQDMProgressBar):
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """An elastic model also shows its lowest budget: its default, the highest, skips nothing."""
         logged = trainer.progress_bar_metrics
-        return {short: f"{float(logged[name]):.3f}" for name, short in self.SHOWN.items() if name in logged}
+        shown = {short: f"{float(logged[name]):.3f}" for name, short in self.SHOWN.items() if name in logged}
+        if pl_module.elastic_range:
+            low, metrics = pl_module.elastic_range[0], trainer.callback_metrics
+            name = f"val/budget_{low:.2f}"
+            if f"{name}/bpc" in metrics:
+                shown[f"bpc@{low:g}"] = f"{float(metrics[f'{name}/bpc']):.3f}"
+                shown[f"skipped@{low:g}"] = f"{1 - float(metrics[f'{name}/routed_executed']):.3f}"
+        return shown

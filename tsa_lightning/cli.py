@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.accounting import dense_twin_flops
+from tsa_lightning.budget import probability
 from tsa_lightning.callbacks import (
     BudgetCurve,
     Dashboard,
@@ -173,6 +174,12 @@ class TSALightningCLI(LightningCLI):
             )
             raise RunError(
                 f"the checkpoint {ckpt_path} was trained with other model options: {listed}; {advice}"
+            )
+        if "compute_budget" in differing and "budget.running" not in self.saved["state_dict"]:
+            raise ConfigError(
+                f"the checkpoint {ckpt_path} was trained without a compute budget, so it has no threshold "
+                "for one: drop --model.compute_budget and give --model.config.skip_threshold, or sweep "
+                "thresholds with `tsa-lightning evaluate`"
             )
         super()._parse_ckpt_path()
         for key, value in differing.items():  # what validate/test/predict were asked for wins
@@ -439,7 +446,12 @@ def sample(
         torch._logging.set_logs(dynamo=logging.ERROR)  # causes are expected, nothing for a user to act on
     mode = mode or module.model.trained_mode
     text = module.sample(prompt, max_new_tokens, temperature, top_k, mode, threshold, compile)
-    print(f"[{mode} mode, KV-cache decoding{', compiled' if compile else ''}]", file=sys.stderr)
+    used = module.skip_threshold if threshold is None else threshold
+    at = f"threshold {probability(skip_logit(used)):.4g}"
+    if module.elastic_range:
+        at = f"budget {module.budget.budget if budget is None else budget:g}, {at}"
+    compiled = ", compiled" if compile else ""
+    print(f"[{mode} mode at {at}, KV-cache decoding{compiled}]", file=sys.stderr)
     print(prompt + text)
     return text
 

@@ -13,7 +13,7 @@ from torchmetrics import MetricCollection
 
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import Budgets, check_budget, check_elastic
+from tsa_lightning.budget import REFINEMENTS, Budgets, check_budget, check_elastic
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
@@ -271,27 +271,29 @@ class TSALanguageModel(L.LightningModule):
         """An elastic model: each budget of the grid scored in hard mode, which also calibrates it.
 
         While training, one pass whose rows run the grid's budgets in turn (each budget sees its
-        share of the split, at the cost of one pass); the last validation of a fit and `validate`
-        run every budget on every row, so the table that evaluation and sampling use is calibrated
-        on the whole split."""
-        B, G = len(x), len(self.budget.budgets)
-        if self.trainer.state.fn == "fit" and self.global_step < self.trainer.max_steps:
-            passes = [self.budget.validation_rows(B, batch_idx, self.global_rank, self.trainer.world_size)]
-        else:
-            passes = [torch.full((B,), g) for g in range(G)]
-        thresholds = torch.stack([self.budget.threshold_at(b) for b in self.budget.budgets])
+        share of the split, at the cost of one pass). The last validation of a fit and `validate`
+        calibrate thoroughly: every table budget (every 0.01) on every row, each batch's thresholds
+        first refined on the batch, so any budget evaluation and sampling ask for lands on the
+        whole split."""
+        thorough = self.trainer.state.fn != "fit" or self.global_step >= self.trainer.max_steps
+        rank, world = self.global_rank, self.trainer.world_size
+        start = self.budget.validation_thresholds()
         valid = y != IGNORE_INDEX
-        for points in passes:
-            logits, _, routing = self.model(
-                x, mode="hard", threshold=thresholds[points.to(thresholds.device)]
-            )
+        for points in self.budget.validation_passes(len(x), batch_idx, thorough, rank, world):
+            threshold = start[points.to(start.device)]
+            for _ in range(REFINEMENTS if thorough else 0):
+                routing = self.model(x, mode="hard", threshold=threshold)[2]
+                threshold = self.budget.batch_thresholds(routing.halt_logits, valid, points)
+            logits, _, routing = self.model(x, mode="hard", threshold=threshold)
             self.budget.observe(routing.halt_logits, valid, points)
+            if not set(points.tolist()) & set(self.budget.grid_index):
+                continue  # a budget between the grid's: calibrated, not scored
             losses = F.cross_entropy(
                 logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
             ).view_as(y)
             points = points.to(x.device)
-            for g in points.unique().tolist():
-                rows = points == g
+            for g, k in enumerate(self.budget.grid_index):
+                rows = points == k
                 if valid[rows].any():
                     self.budget_bits[g].update(losses[rows][valid[rows]].mean(), y[rows])
                     self.budget_compute[g].update(
@@ -382,7 +384,13 @@ class TSALanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
         self.trained_steps = int(checkpoint.get("global_step", 0))
-        budgeted = "budget.running" in checkpoint["state_dict"]
+        state = checkpoint["state_dict"]
+        if "budget.calibrated" in state or "budget.points.0.running" in state:
+            raise ConfigError(
+                "the checkpoint holds its budget's thresholds as probabilities, from a version before "
+                "thresholds were log-odds; train it again with this version"
+            )
+        budgeted = "budget.running" in state
         if budgeted and self.budget is None:
             raise ConfigError(
                 "the checkpoint was trained with a compute budget; give the run's compute_budget "

@@ -1,0 +1,38 @@
+"""The names metrics are logged under. Every writer and reader - the module, the callbacks, the
+run's summary, the benchmarks - builds them here, so renaming one cannot break the others."""
+
+from __future__ import annotations
+
+import re
+
+STAGES = ("val", "test")
+MODES = ("soft", "hard")
+# the work a split saved: executed token-block operations, FLOPs, and the paper's soft formula
+SAVED = ("tlops_saved_executed", "flops_saved", "tlops_saved_paper")
+BLOCK_SHARE = re.compile(r"executed/(?P<stage>\w+)/block_(?P<block>\d+)$")
+
+
+def loss(stage: str, mode: str, what: str = "bpc") -> str:
+    """`what`: bpc, loss (nats) or ppl."""
+    return f"{stage}/{mode}/{what}"
+
+
+def saved(stage: str, what: str = "tlops_saved_executed") -> str:
+    return f"{stage}/{what}"
+
+
+def block_share(stage: str, block: int) -> str:
+    """The share of tokens that ran a block."""
+    return f"executed/{stage}/block_{block}"
+
+
+def block_of(name: str) -> int:
+    """The block a `block_share` name counts (names of other metrics sort last)."""
+    match = BLOCK_SHARE.match(name)
+    return int(match["block"]) if match else 1 << 30
+
+
+def at_budget(budget: float, what: str) -> str:
+    """An elastic model's validation metric at one budget: bpc, flops_saved, routed_executed or
+    calibrated_threshold. Budgets are named to 0.01."""
+    return f"val/budget_{budget:.2f}/{what}"
