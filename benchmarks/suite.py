@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 from common import EXPERIMENTS, SHAPES, data_module, network, resolved_config
 
+from tsa_lightning import names
 from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.budget import budget_grid
 from tsa_lightning.corpus import data_root
@@ -257,16 +258,15 @@ def version(path: Path) -> int:
 def test_point(path: Path) -> dict:
     """The last row of a `test` run's CSV log, under the names of a sweep's points."""
     row = list(csv.DictReader(path.read_text().splitlines()))[-1]
-    per_layer = [
-        float(row[f"executed/test/block_{i}"]) for i in range(sum(k.startswith("executed/") for k in row))
-    ]
+    blocks = sum(bool(names.BLOCK_SHARE.match(k)) for k in row)
+    per_layer = [float(row[names.block_share("test", i)]) for i in range(blocks)]
     return {
         "threshold": None,
-        "bpc": float(row["test/hard/bpc"]),
+        "bpc": float(row[names.loss("test", "hard")]),
         "executed_fraction": statistics.mean(per_layer),
-        "executed_tlops_saved": float(row["test/tlops_saved_executed"]),
-        "flops_saved": float(row["test/flops_saved"]),
-        "paper_tlops_saved": float(row["test/tlops_saved_paper"]),
+        "executed_tlops_saved": float(row[names.of_split("test")]),
+        "flops_saved": float(row[names.of_split("test", "flops_saved")]),
+        "paper_tlops_saved": float(row[names.of_split("test", "tlops_saved_paper")]),
         "executed_per_layer": per_layer,
     }
 

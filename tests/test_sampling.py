@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tsa_lightning.model import sample_next
+from tests.conftest import TINY
+from tsa_lightning.inference import generate_cached
+from tsa_lightning.model import TSAConfig, TSATransformer, sample_next
 
 LOGITS = torch.tensor(
     [
@@ -77,3 +79,10 @@ def test_sampling_is_silent():
         warnings.simplefilter("error")
         for temperature, top_k in ((0, None), (1.0, None), (0.7, 3)):
             sample_next(LOGITS, temperature, top_k)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_decoding_leaves_the_model_in_the_mode_it_found_it(training):
+    model = TSATransformer(TSAConfig(vocab_size=11, block_size=16, **TINY)).train(training)
+    generate_cached(model, [torch.tensor([1, 2, 3])], 4, temperature=0)
+    assert model.training is training

@@ -9,6 +9,7 @@ A router is named by the block it gates, as the executed shares are.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +25,12 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from tsa_lightning import names
 from tsa_lightning.budget import probability
 from tsa_lightning.evaluation import curve_figure
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, skip_logit
+from tsa_lightning.runs import logged_step
 
 
 class TensorBoard(TensorBoardLogger):
@@ -37,12 +40,6 @@ class TensorBoard(TensorBoardLogger):
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         super().log_metrics({name: value for name, value in metrics.items() if name != "epoch"}, step)
-
-
-def logged_step(trainer: L.Trainer) -> int:
-    """The step Lightning logs scalars at: the global step in training, the checkpoint's step when
-    validating or testing one (set by the module)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def _tensorboard(trainer: L.Trainer):
@@ -84,7 +81,7 @@ def layout(n_layer: int, budgets: list[float] | None = None) -> dict:
     }
     charts = {**LAYOUT, "each block": blocks}
     if budgets:
-        tags = [rf"val/budget_{b:.2f}/bpc$" for b in budgets]
+        tags = [re.escape(names.at_budget(b, "bpc")) + "$" for b in budgets]
         chart = "bits per token at budgets 1 to lowest, val"
         charts["quality"] = {**LAYOUT["quality"], chart: ["Multiline", tags]}
     return charts
@@ -103,9 +100,13 @@ def operating_point(pl_module) -> tuple[float | Tensor, str]:
 
 # the HParams table's columns: the step reached, final hard-mode quality and compute, of validation and test
 HPARAM_METRICS = tuple(
-    f"{stage}/{name}"
-    for stage in ("val", "test")
-    for name in ("step", "hard/bpc", "tlops_saved_executed", "flops_saved", "tlops_saved_paper")
+    name
+    for stage in names.STAGES
+    for name in (
+        names.of_split(stage, "step"),
+        names.loss(stage, "hard"),
+        *(names.of_split(stage, s) for s in names.SAVED),
+    )
 )
 # the options that tell the variants apart lead the HParams table (TensorBoard shows the first five at
 # first: an elastic run's range among them)
@@ -325,12 +326,12 @@ class BudgetCurve(L.Callback):
         if writer is None or trainer.sanity_checking or not pl_module.elastic_range:
             return
         metrics = trainer.callback_metrics
-        budgets = [b for b in pl_module.budget.budgets if f"val/budget_{b:.2f}/bpc" in metrics]
+        budgets = [b for b in pl_module.budget.budgets if names.at_budget(b, "bpc") in metrics]
         points = [
             {
                 "budget": b,
-                "bpc": float(metrics[f"val/budget_{b:.2f}/bpc"]),
-                "flops_saved": float(metrics[f"val/budget_{b:.2f}/flops_saved"]),
+                "bpc": float(metrics[names.at_budget(b, "bpc")]),
+                "flops_saved": float(metrics[names.at_budget(b, "flops_saved")]),
             }
             for b in budgets
         ]
@@ -435,8 +436,8 @@ class RunProgressBar(TQDMProgressBar):
 
     SHOWN: ClassVar[dict[str, str]] = {
         "train/loss": "loss",
-        "val/hard/bpc": "val bpc",
-        "val/tlops_saved_executed": "skipped",
+        names.loss("val", "hard"): "val bpc",
+        names.of_split("val"): "skipped",
     }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -465,8 +466,9 @@ class RunProgressBar(TQDMProgressBar):
         shown = {short: f"{float(logged[name]):.3f}" for name, short in self.SHOWN.items() if name in logged}
         if pl_module.elastic_range:
             low, metrics = pl_module.elastic_range[0], trainer.callback_metrics
-            name = f"val/budget_{low:.2f}"
-            if f"{name}/bpc" in metrics:
-                shown[f"bpc@{low:g}"] = f"{float(metrics[f'{name}/bpc']):.3f}"
-                shown[f"skipped@{low:g}"] = f"{1 - float(metrics[f'{name}/routed_executed']):.3f}"
+            if names.at_budget(low, "bpc") in metrics:
+                shown[f"bpc@{low:g}"] = f"{float(metrics[names.at_budget(low, 'bpc')]):.3f}"
+                shown[f"skipped@{low:g}"] = (
+                    f"{1 - float(metrics[names.at_budget(low, 'routed_executed')]):.3f}"
+                )
         return shown

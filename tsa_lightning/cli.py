@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMPr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tsa_lightning import names
 from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.budget import probability
 from tsa_lightning.callbacks import (
@@ -116,7 +117,7 @@ class TSALightningCLI(LightningCLI):
         parser.set_defaults(
             {
                 "checkpoint.save_last": False,
-                "checkpoint.monitor": "val/hard/bpc",
+                "checkpoint.monitor": names.loss("val", "hard"),
                 "checkpoint.mode": "min",
                 "checkpoint.filename": "best-{step}",
                 "checkpoint.auto_insert_metric_name": False,
@@ -263,13 +264,13 @@ class TSALightningCLI(LightningCLI):
 def end_of_run(trainer: Trainer) -> str:
     lines = [f"Run finished at step {trainer.global_step}."]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    names = {
-        "val/hard/bpc": "hard-mode bpc",
-        "val/tlops_saved_executed": "TLOps saved",
-        "val/flops_saved": "FLOPs saved",
+    labels = {
+        names.loss("val", "hard"): "hard-mode bpc",
+        names.of_split("val"): "TLOps saved",
+        names.of_split("val", "flops_saved"): "FLOPs saved",
     }
-    shown = [f"{label} {metrics[k]:.4f}" for k, label in names.items() if k in metrics]
-    shares = [metrics[k] for k in sorted(metrics, key=block_number) if k.startswith("executed/val/block_")]
+    shown = [f"{label} {metrics[k]:.4f}" for k, label in labels.items() if k in metrics]
+    shares = [metrics[k] for k in sorted(metrics, key=names.block_of) if k.startswith("executed/val/")]
     if shares:
         shown.append(f"mean blocks per token {sum(shares):.2f} of {len(shares)}")
         shown.append("each block ran for " + " ".join(f"{share:.0%}" for share in shares))
@@ -277,7 +278,7 @@ def end_of_run(trainer: Trainer) -> str:
         lines.append("  last validation: " + ", ".join(shown))
     module = trainer.lightning_module
     shown = module.budget.shown() if module.elastic_range else []
-    budgets = {b: metrics.get(f"val/budget_{b:.2f}/bpc") for b in shown}
+    budgets = {b: metrics.get(names.at_budget(b, "bpc")) for b in shown}
     if shown:
         low, high = module.elastic_range
         lines.append(
@@ -329,10 +330,6 @@ def where_logged(trainer: Trainer) -> tuple[str, Path] | None:
     which waits for every rank)."""
     log_dir = getattr(trainer.logger, "log_dir", None)
     return None if log_dir is None else (log_dir, Path(log_dir).parent.parent)
-
-
-def block_number(tag: str) -> int:
-    return int(tag.rsplit("_", 1)[-1]) if tag[-1].isdigit() else -1
 
 
 def resumes_own_run(config) -> bool:

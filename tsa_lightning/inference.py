@@ -35,10 +35,11 @@ def generate_cached(
     sample depends on the rest of its batch. `compile` runs the steps through torch.compile
     (dynamic shapes: one graph serves every position; the first call pays the compilation).
     """
-    model.eval()
-    forward = torch.compile(model, dynamic=True) if compile else model
     if min(len(p) for p in prompts) < 1:
         raise ConfigError("every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    forward = torch.compile(model, dynamic=True) if compile else model
     device = model.wte.weight.device
     window = model.config.block_size
     T0 = max(len(p) for p in prompts)
@@ -61,4 +62,5 @@ def generate_cached(
             lengths, width = lengths + 1, width + 1
     finally:
         model.clear_kv_cache()
+        model.train(was_training)  # the caller's mode, as it was
     return [torch.cat([p.to(device), tokens[b, T0:]]) for b, p in enumerate(prompts)]

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from tsa_lightning.errors import ConfigError
 
 Mode = Literal["soft", "hard"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 def shape(default):
@@ -242,10 +243,9 @@ class Block(nn.Module):
     always gather. 1.0 gathers always, 0.0 never; the result is the same either way.
     """
 
-    run_for_all_above: float = 0.5
-
-    def __init__(self, config: TSAConfig) -> None:
+    def __init__(self, config: TSAConfig, run_for_all_above: float = 0.5) -> None:
         super().__init__()
+        self.run_for_all_above = run_for_all_above
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)

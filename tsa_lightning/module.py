@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
+from tsa_lightning import names
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
 from tsa_lightning.budget import REFINEMENTS, Budgets, check_budget, check_elastic
@@ -19,11 +20,9 @@ from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
-from tsa_lightning.model import Mode, Routing, TSAConfig, TSATransformer
+from tsa_lightning.model import MODES, Mode, Routing, TSAConfig, TSATransformer
 from tsa_lightning.retrofit import distillation_kl, load_dense_trunk
-
-MODES = ("soft", "hard")
-STAGES = ("val", "test")
+from tsa_lightning.runs import log_at_step
 
 
 class TSALanguageModel(L.LightningModule):
@@ -123,9 +122,13 @@ class TSALanguageModel(L.LightningModule):
         # one collection per stage and mode, so that Lightning computes, syncs and resets each
         losses = MetricCollection({"loss": Nats(), "bpc": Bits(), "ppl": Perplexity()}, compute_groups=False)
         self.eval_loss = torch.nn.ModuleDict(
-            {f"{stage}_{mode}": losses.clone(prefix=f"{stage}/{mode}/") for stage in STAGES for mode in MODES}
+            {
+                f"{stage}_{mode}": losses.clone(prefix=names.loss(stage, mode, ""))
+                for stage in names.STAGES
+                for mode in MODES
+            }
         )
-        self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in STAGES})
+        self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in names.STAGES})
         # an elastic model's validation scores every budget of its grid
         grid = self.budget.budgets if self.elastic_range else []
         self.budget_bits = torch.nn.ModuleList(Bits() for _ in grid)
@@ -322,10 +325,10 @@ class TSALanguageModel(L.LightningModule):
             return
         calibrated = self.budget.calibrate()
         if self.elastic_range:
-            names = [f"val/budget_{b:.2f}/calibrated_threshold" for b in self.budget.budgets]
-            self.log_dict(dict(zip(names, calibrated, strict=True)))
+            tags = [names.at_budget(b, "calibrated_threshold") for b in self.budget.budgets]
+            self.log_dict(dict(zip(tags, calibrated, strict=True)))
         else:
-            self.log("val/calibrated_threshold", calibrated[0])
+            self.log(names.of_split("val", "calibrated_threshold"), calibrated[0])
 
     def _log_budgets(self) -> None:
         """Each grid budget's bpc, FLOPs saved and routed share executed (at the thresholds it ran)."""
@@ -337,10 +340,9 @@ class TSALanguageModel(L.LightningModule):
                 continue
             report = compute.compute()
             shares = [report.executed_per_layer[b] for b in gated]
-            name = f"val/budget_{budget:.2f}"
-            self.log(f"{name}/bpc", bits.compute())
-            self.log(f"{name}/flops_saved", report.flops_saved)
-            self.log(f"{name}/routed_executed", sum(shares) / len(shares))
+            self.log(names.at_budget(budget, "bpc"), bits.compute())
+            self.log(names.at_budget(budget, "flops_saved"), report.flops_saved)
+            self.log(names.at_budget(budget, "routed_executed"), sum(shares) / len(shares))
             bits.reset()
             compute.reset()
 
@@ -351,7 +353,7 @@ class TSALanguageModel(L.LightningModule):
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
         metric = self.eval_compute[stage]
         fitting = self.trainer.state.fn == "fit"  # the HParams table's step column: steps trained
-        self.log(f"{stage}/step", float(self.global_step if fitting else self.trained_steps))
+        self.log(names.of_split(stage, "step"), float(self.global_step if fitting else self.trained_steps))
         self._log_compute(stage, metric.compute())
         metric.reset()
 
@@ -361,12 +363,12 @@ class TSALanguageModel(L.LightningModule):
         Training values are one batch's, averaged over ranks; evaluation values are already summed
         over the split and all ranks, so averaging them again changes nothing.
         """
-        self.log(f"{stage}/tlops_saved_executed", report.executed_tlops_saved, prog_bar=True, sync_dist=True)
-        shares = {f"executed/{stage}/block_{block}": v for block, v in enumerate(report.executed_per_layer)}
+        self.log(names.of_split(stage), report.executed_tlops_saved, prog_bar=True, sync_dist=True)
+        shares = {names.block_share(stage, block): v for block, v in enumerate(report.executed_per_layer)}
         self.log_dict(
             {
-                f"{stage}/tlops_saved_paper": report.paper_tlops_saved,
-                f"{stage}/flops_saved": report.flops_saved,
+                names.of_split(stage, "tlops_saved_paper"): report.paper_tlops_saved,
+                names.of_split(stage, "flops_saved"): report.flops_saved,
                 **shares,
             },
             sync_dist=True,
@@ -375,9 +377,7 @@ class TSALanguageModel(L.LightningModule):
     def on_validation_start(self) -> None:
         """`validate` and `test` of a checkpoint log at the step it was trained to, not at 0."""
         if self.trainer.state.fn != "fit":
-            self.trainer.fit_loop.epoch_loop._batches_that_stepped = (
-                self.trained_steps
-            )  # Lightning's log step
+            log_at_step(self.trainer, self.trained_steps)
 
     on_test_start = on_validation_start
 

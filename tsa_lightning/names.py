@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import re
 
-STAGES = ("val", "test")
-MODES = ("soft", "hard")
+STAGES = ("val", "test")  # the evaluation splits (training logs under "train")
 # the work a split saved: executed token-block operations, FLOPs, and the paper's soft formula
 SAVED = ("tlops_saved_executed", "flops_saved", "tlops_saved_paper")
 BLOCK_SHARE = re.compile(r"executed/(?P<stage>\w+)/block_(?P<block>\d+)$")
@@ -17,7 +16,8 @@ def loss(stage: str, mode: str, what: str = "bpc") -> str:
     return f"{stage}/{mode}/{what}"
 
 
-def saved(stage: str, what: str = "tlops_saved_executed") -> str:
+def of_split(stage: str, what: str = "tlops_saved_executed") -> str:
+    """A whole split's (or a training batch's) metric: one of SAVED, step or calibrated_threshold."""
     return f"{stage}/{what}"
 
 

@@ -244,3 +244,19 @@ def describe_os_error(e: OSError) -> str:
         errno.ENOENT: "no such file or folder",
     }
     return f"{where}: {hints.get(e.errno, e.strerror or str(e))}"
+
+
+# Lightning (2.4-2.6) logs every scalar at `fit_loop.epoch_loop._batches_that_stepped` and offers no
+# public way to read or set it; `validate` and `test` of a checkpoint would log at step 0. These two
+# functions are the only place that touches it (tests/test_cli.py checks that they still work).
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs scalars at: the global step in training, the checkpoint's step when
+    validating or testing one (`log_at_step`)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_at_step(trainer: L.Trainer, step: int) -> None:
+    """Make Lightning log what follows at `step`."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step
