@@ -341,7 +341,7 @@ def test_sample_refuses_bad_arguments_in_one_line(trained_run, flag, message):
 
 
 def test_the_python_api_raises_typed_errors(trained_run, tmp_path):
-    from tsa_lightning.cli import load_checkpoint
+    from tsa_lightning import load_checkpoint
     from tsa_lightning.errors import ConfigError, RunError, TSAError
 
     ckpt = str(trained_run / "runs/cpu/checkpoints/last.ckpt")

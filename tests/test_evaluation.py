@@ -11,10 +11,9 @@ from tests.test_baselines import spread_predictors
 from tests.test_model import spread_routers
 from tsa_lightning.accounting import summarize, tally
 from tsa_lightning.baselines import build_model
-from tsa_lightning.cli import evaluate
 from tsa_lightning.data import IGNORE_INDEX, TextDataModule
 from tsa_lightning.errors import ConfigError, RunError
-from tsa_lightning.evaluation import sweep
+from tsa_lightning.evaluation import evaluate, sweep
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import re
 import sys
@@ -31,7 +30,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning import names
-from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.budget import probability
 from tsa_lightning.callbacks import (
     BudgetCurve,
@@ -42,33 +40,30 @@ from tsa_lightning.callbacks import (
     PredictionWriter,
     RunProgressBar,
 )
-from tsa_lightning.corpus import Codec
 from tsa_lightning.data import TextDataModule
-from tsa_lightning.errors import ConfigError, RunError, TSAError
+from tsa_lightning.errors import ConfigError, RunError, TSAError, check_range
 from tsa_lightning.evaluation import (
-    DEFAULT_THRESHOLDS,
     MAX_THRESHOLD,
-    QUIET,
-    markdown_table,
-    output_paths,
-    shown_threshold,
-    sweep,
-    threshold_key,
-    write_outputs,
+    evaluate,
 )
 from tsa_lightning.model import TSAConfig, skip_logit
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
-    LAST,
     AtomicCheckpointIO,
     GracefulStop,
     LastCheckpoint,
     RunLock,
+    checkpoint_folder,
     describe_os_error,
     is_launching_process,
     last_checkpoint,
+    load_checkpoint,
+    logger_args,
     read_checkpoint,
     remove_partial_writes,
+    resolve_last,
+    resumes_own_run,
+    where_logged,
 )
 
 TRAINER_DEFAULTS = {
@@ -305,61 +300,6 @@ def end_of_run(trainer: Trainer) -> str:
     return "\n".join(lines)
 
 
-def checkpoint_folder(config) -> Path | None:
-    """A run's checkpoints: --checkpoint.dirpath, else <save_dir>/<name>/checkpoints beside its logs.
-
-    Derived at run time, never written into the run's config.yaml: a config reused under another
-    name gets a folder of its own.
-    """
-    if config.checkpoint.dirpath is not None:
-        return Path(config.checkpoint.dirpath)
-    args = logger_args(config)
-    if args is None or "save_dir" not in args:
-        return None
-    return Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
-
-
-def logger_args(config) -> Namespace | None:
-    """The logger's init_args in a parsed config (None: no logger, or one given as an object)."""
-    logger = config.trainer.logger
-    return logger.init_args if logger and hasattr(logger, "init_args") else None
-
-
-def where_logged(trainer: Trainer) -> tuple[str, Path] | None:
-    """The run's log folder and the folder to give `tensorboard --logdir` (not trainer.log_dir,
-    which waits for every rank)."""
-    log_dir = getattr(trainer.logger, "log_dir", None)
-    return None if log_dir is None else (log_dir, Path(log_dir).parent.parent)
-
-
-def resumes_own_run(config) -> bool:
-    """Whether fit resumes from a checkpoint in this run's own folder (not another run's)."""
-    folder, ckpt_path = checkpoint_folder(config), config.get("ckpt_path")
-    if folder is None or ckpt_path is None:
-        return False
-    return Path(ckpt_path).parent.resolve() == folder.resolve()
-
-
-def resolve_last(ckpt_path: str | None, folder: Path | None, subcommand: str) -> str | None:
-    """`last` means this run's own `<folder>/last.ckpt`; without one, fit starts anew (nothing to resume)."""
-    if ckpt_path != "last":
-        return ckpt_path
-    last = folder / LAST if folder is not None else None
-    if last is not None and last.is_file():
-        return str(last)
-    others = list(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
-    if others:
-        newest = max(others, key=os.path.getmtime)
-        raise RunError(
-            f"{folder} has no {LAST} (the run was killed before writing one); resume from its newest "
-            f"checkpoint with --ckpt_path {newest}, or start a new run under another name"
-        )
-    if subcommand != "fit":
-        raise RunError(f"--ckpt_path last: there is no {last or LAST}; give the .ckpt file to {subcommand}")
-    print(f"No checkpoint to resume in {folder}: a new run starts.", file=sys.stderr)
-    return None
-
-
 def given_model_options(model: Namespace, parser: LightningArgumentParser) -> dict:
     """Model options whose value is not the parser's default: those the command line or a config gave."""
     defaults = parser.get_defaults().model
@@ -375,30 +315,6 @@ def lookup(hparams: dict, key: str):
 
 def normalized(value):
     return list(value) if isinstance(value, tuple) else value
-
-
-def load_checkpoint(ckpt_path: str | None) -> TSALanguageModel:
-    """The module saved by `fit`, on the CPU; refused in one line when unusable or older than model.config."""
-    if ckpt_path is None:
-        raise ConfigError("--ckpt_path is required: the .ckpt file written by `fit`")
-    read_checkpoint(ckpt_path)  # one line for a missing, cut-short or foreign file
-    return TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
-
-
-def check_range(name: str, value: float | None, low: float, high: float = math.inf) -> None:
-    if value is not None and not low <= value <= high:
-        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ConfigError(f"--{name} must be {bounds}, got {value}")
-
-
-def same_vocabulary(module: TSALanguageModel, data: TextDataModule) -> None:
-    """A model scores only the symbols it was trained on."""
-    different = module.codec.difference(Codec(data.alphabet), ("the checkpoint", "the data"))
-    if different:
-        raise ConfigError(
-            f"the checkpoint's vocabulary differs from the data's ({different}); evaluate a "
-            "checkpoint on the corpus it was trained on"
-        )
 
 
 def sample(
@@ -451,101 +367,6 @@ def sample(
     print(f"[{mode} mode at {at}, KV-cache decoding{compiled}]", file=sys.stderr)
     print(prompt + text)
     return text
-
-
-def evaluate(
-    ckpt_path: str | None = None,
-    data: TextDataModule | None = None,
-    split: Literal["val", "test"] = "test",
-    thresholds: list[float] | None = None,
-    out_dir: str = "eval",
-    name: str | None = None,
-    limit_batches: int | None = None,
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    precision: str | None = None,
-    reference: str | None = None,
-    budgets: list[float] | None = None,
-) -> dict:
-    """Sweep the skip threshold of a checkpoint: hard-mode bpc against executed compute.
-
-    The sweep includes the checkpoint's own threshold (a budget's calibrated one, say), marked as
-    the trained operating point in the table and the plot. `--budgets` scores an elastic checkpoint
-    at the budgets asked for.
-
-    Args:
-        ckpt_path: a checkpoint written by `fit`.
-        data: the corpus, as in the training config (e.g. --data=ShakespeareDataModule).
-        split: "val" or "test".
-        thresholds: skip thresholds to sweep, each in [0, 1.01] (default 0, 0.05, ..., 1, 1.01).
-        out_dir: folder for <name>.json, <name>.md, <name>.png and tensorboard/<name>/.
-        name: file stem for the outputs (default: the checkpoint's file stem).
-        limit_batches: score only the first batches (>= 1; quick looks; the full split by default).
-        accelerator: Lightning accelerator for the sweep ("cpu", "gpu", "auto", ...).
-        devices: Lightning devices for the sweep.
-        precision: Lightning precision for the sweep (e.g. "bf16-mixed"; default full precision).
-        reference: a dense checkpoint (the dense twin, or a smaller dense model) scored on the same
-            split and drawn as one point beside the curve.
-        budgets: budgets to score an elastic checkpoint at (trained with elastic_budgets), each at
-            the threshold its calibration table gives; without --thresholds, only these are swept.
-    """
-    if split not in ("val", "test"):
-        raise ConfigError(f"--split must be 'val' or 'test', got {split!r}")
-    check_range("limit_batches", limit_batches, 1)
-    thresholds = thresholds or ([] if budgets else DEFAULT_THRESHOLDS)
-    for threshold in thresholds:
-        check_range("thresholds", threshold, 0, MAX_THRESHOLD)
-    if data is None:
-        raise ConfigError("--data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
-    name = name or Path(str(ckpt_path)).stem
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise RunError(f"--out_dir {out_dir} is a file; give a folder for the sweep's outputs")
-    for path in output_paths(Path(out_dir), name):
-        if path.exists():
-            raise RunError(f"{path} exists; choose another --out_dir or --name")
-    module = load_checkpoint(ckpt_path)
-    same_vocabulary(module, data)
-    dense = None if reference is None else load_checkpoint(reference)
-    if dense is not None:
-        same_vocabulary(dense, data)
-    trained = None if module.config.routing == "none" else module.skip_threshold
-    at_budget = {budget: module.threshold_at(budget) for budget in budgets or []}
-    # a threshold given as a probability, or held by a budget in log-odds: one point each
-    unique = {threshold_key(t): t for t in [*thresholds, *at_budget.values(), trained] if t is not None}
-    keys = sorted(unique, key=lambda k: (float(skip_logit(unique[k])), shown_threshold(unique[k])))
-    thresholds = [unique[k] for k in keys]
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        precision=precision,
-        limit_val_batches=limit_batches,
-        limit_test_batches=limit_batches,
-        **QUIET,
-    )
-    result = sweep(module.model, data, thresholds, split, trainer)
-    result |= {
-        "step": module.trained_steps,
-        "unit": module.codec.unit,
-        "trained_threshold": None if trained is None else shown_threshold(trained),
-    }
-    labelled = []
-    for key, point in zip(keys, result["points"], strict=True):  # an elastic model's say their budget
-        budgets = [b for b, t in at_budget.items() if threshold_key(t) == key]
-        labelled += [{**point, "budget": b} for b in budgets] or [point]
-    result["points"] = labelled
-    if dense is not None:
-        full = dense_twin_flops(module.config, 1, 1)
-        result["reference"] = {
-            "name": Path(reference).stem,
-            "bpc": sweep(dense.model, data, [MAX_THRESHOLD], split, trainer)["points"][0]["bpc"],
-            "flops_share": dense_twin_flops(dense.config, 1, 1) / full,
-        }
-    if trainer.is_global_zero:
-        write_outputs(result, Path(out_dir), name)
-        print(markdown_table(result))
-        stem = Path(out_dir) / name
-        print(f"Wrote {stem}.json, .md, .png and {Path(out_dir) / 'tensorboard' / name}/", file=sys.stderr)
-    return result
 
 
 SUBCOMMANDS = {"sample": sample, "evaluate": evaluate}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import matplotlib.pyplot as plt
@@ -20,10 +22,17 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics import Metric, SumMetric
 
+from tsa_lightning.accounting import dense_twin_flops
 from tsa_lightning.budget import probability
-from tsa_lightning.data import IGNORE_INDEX
+from tsa_lightning.corpus import Codec
+from tsa_lightning.data import IGNORE_INDEX, TextDataModule
+from tsa_lightning.errors import ConfigError, RunError, check_range
 from tsa_lightning.metrics import ComputeMetric
-from tsa_lightning.model import Mode, TSATransformer
+from tsa_lightning.model import Mode, TSATransformer, skip_logit
+from tsa_lightning.runs import load_checkpoint
+
+if TYPE_CHECKING:
+    from tsa_lightning.module import TSALanguageModel
 
 MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever skipped
 QUIET = {  # a scoring Trainer: no logs, checkpoints, progress bar or model summary of its own
@@ -240,3 +249,108 @@ def write_outputs(result: dict, out_dir: Path, name: str) -> None:
         for path in output_paths(out_dir, name):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise
+
+
+def same_vocabulary(module: TSALanguageModel, data: TextDataModule) -> None:
+    """A model scores only the symbols it was trained on."""
+    different = module.codec.difference(Codec(data.alphabet), ("the checkpoint", "the data"))
+    if different:
+        raise ConfigError(
+            f"the checkpoint's vocabulary differs from the data's ({different}); evaluate a "
+            "checkpoint on the corpus it was trained on"
+        )
+
+
+def evaluate(
+    ckpt_path: str | None = None,
+    data: TextDataModule | None = None,
+    split: Literal["val", "test"] = "test",
+    thresholds: list[float] | None = None,
+    out_dir: str = "eval",
+    name: str | None = None,
+    limit_batches: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    precision: str | None = None,
+    reference: str | None = None,
+    budgets: list[float] | None = None,
+) -> dict:
+    """Sweep the skip threshold of a checkpoint: hard-mode bpc against executed compute.
+
+    The sweep includes the checkpoint's own threshold (a budget's calibrated one, say), marked as
+    the trained operating point in the table and the plot. `--budgets` scores an elastic checkpoint
+    at the budgets asked for.
+
+    Args:
+        ckpt_path: a checkpoint written by `fit`.
+        data: the corpus, as in the training config (e.g. --data=ShakespeareDataModule).
+        split: "val" or "test".
+        thresholds: skip thresholds to sweep, each in [0, 1.01] (default 0, 0.05, ..., 1, 1.01).
+        out_dir: folder for <name>.json, <name>.md, <name>.png and tensorboard/<name>/.
+        name: file stem for the outputs (default: the checkpoint's file stem).
+        limit_batches: score only the first batches (>= 1; quick looks; the full split by default).
+        accelerator: Lightning accelerator for the sweep ("cpu", "gpu", "auto", ...).
+        devices: Lightning devices for the sweep.
+        precision: Lightning precision for the sweep (e.g. "bf16-mixed"; default full precision).
+        reference: a dense checkpoint (the dense twin, or a smaller dense model) scored on the same
+            split and drawn as one point beside the curve.
+        budgets: budgets to score an elastic checkpoint at (trained with elastic_budgets), each at
+            the threshold its calibration table gives; without --thresholds, only these are swept.
+    """
+    if split not in ("val", "test"):
+        raise ConfigError(f"--split must be 'val' or 'test', got {split!r}")
+    check_range("limit_batches", limit_batches, 1)
+    thresholds = thresholds or ([] if budgets else DEFAULT_THRESHOLDS)
+    for threshold in thresholds:
+        check_range("thresholds", threshold, 0, MAX_THRESHOLD)
+    if data is None:
+        raise ConfigError("--data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
+    name = name or Path(str(ckpt_path)).stem
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise RunError(f"--out_dir {out_dir} is a file; give a folder for the sweep's outputs")
+    for path in output_paths(Path(out_dir), name):
+        if path.exists():
+            raise RunError(f"{path} exists; choose another --out_dir or --name")
+    module = load_checkpoint(ckpt_path)
+    same_vocabulary(module, data)
+    dense = None if reference is None else load_checkpoint(reference)
+    if dense is not None:
+        same_vocabulary(dense, data)
+    trained = None if module.config.routing == "none" else module.skip_threshold
+    at_budget = {budget: module.threshold_at(budget) for budget in budgets or []}
+    # a threshold given as a probability, or held by a budget in log-odds: one point each
+    unique = {threshold_key(t): t for t in [*thresholds, *at_budget.values(), trained] if t is not None}
+    keys = sorted(unique, key=lambda k: (float(skip_logit(unique[k])), shown_threshold(unique[k])))
+    thresholds = [unique[k] for k in keys]
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        limit_val_batches=limit_batches,
+        limit_test_batches=limit_batches,
+        **QUIET,
+    )
+    result = sweep(module.model, data, thresholds, split, trainer)
+    result |= {
+        "step": module.trained_steps,
+        "unit": module.codec.unit,
+        "trained_threshold": None if trained is None else shown_threshold(trained),
+    }
+    labelled = []
+    for key, point in zip(keys, result["points"], strict=True):  # an elastic model's say their budget
+        budgets = [b for b, t in at_budget.items() if threshold_key(t) == key]
+        labelled += [{**point, "budget": b} for b in budgets] or [point]
+    result["points"] = labelled
+    if dense is not None:
+        full = dense_twin_flops(module.config, 1, 1)
+        result["reference"] = {
+            "name": Path(reference).stem,
+            "bpc": sweep(dense.model, data, [MAX_THRESHOLD], split, trainer)["points"][0]["bpc"],
+            "flops_share": dense_twin_flops(dense.config, 1, 1) / full,
+        }
+    if trainer.is_global_zero:
+        write_outputs(result, Path(out_dir), name)
+        print(markdown_table(result))
+        stem = Path(out_dir) / name
+        print(f"Wrote {stem}.json, .md, .png and {Path(out_dir) / 'tensorboard' / name}/", file=sys.stderr)
+    return result

@@ -17,16 +17,21 @@ import errno
 import fcntl
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.errors import ConfigError, RunError
+
+if TYPE_CHECKING:
+    from tsa_lightning.module import TSALanguageModel
 
 LAST = "last.ckpt"
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
@@ -260,3 +265,68 @@ def logged_step(trainer: L.Trainer) -> int:
 def log_at_step(trainer: L.Trainer, step: int) -> None:
     """Make Lightning log what follows at `step`."""
     trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def checkpoint_folder(config) -> Path | None:
+    """A run's checkpoints: --checkpoint.dirpath, else <save_dir>/<name>/checkpoints beside its logs.
+
+    Derived at run time, never written into the run's config.yaml: a config reused under another
+    name gets a folder of its own.
+    """
+    if config.checkpoint.dirpath is not None:
+        return Path(config.checkpoint.dirpath)
+    args = logger_args(config)
+    if args is None or "save_dir" not in args:
+        return None
+    return Path(args.save_dir) / (args.get("name") or "") / "checkpoints"
+
+
+def logger_args(config) -> Namespace | None:
+    """The logger's init_args in a parsed config (None: no logger, or one given as an object)."""
+    logger = config.trainer.logger
+    return logger.init_args if logger and hasattr(logger, "init_args") else None
+
+
+def where_logged(trainer: L.Trainer) -> tuple[str, Path] | None:
+    """The run's log folder and the folder to give `tensorboard --logdir` (not trainer.log_dir,
+    which waits for every rank)."""
+    log_dir = getattr(trainer.logger, "log_dir", None)
+    return None if log_dir is None else (log_dir, Path(log_dir).parent.parent)
+
+
+def resumes_own_run(config) -> bool:
+    """Whether fit resumes from a checkpoint in this run's own folder (not another run's)."""
+    folder, ckpt_path = checkpoint_folder(config), config.get("ckpt_path")
+    if folder is None or ckpt_path is None:
+        return False
+    return Path(ckpt_path).parent.resolve() == folder.resolve()
+
+
+def resolve_last(ckpt_path: str | None, folder: Path | None, subcommand: str) -> str | None:
+    """`last` means this run's own `<folder>/last.ckpt`; without one, fit starts anew (nothing to resume)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    last = folder / LAST if folder is not None else None
+    if last is not None and last.is_file():
+        return str(last)
+    others = list(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
+    if others:
+        newest = max(others, key=os.path.getmtime)
+        raise RunError(
+            f"{folder} has no {LAST} (the run was killed before writing one); resume from its newest "
+            f"checkpoint with --ckpt_path {newest}, or start a new run under another name"
+        )
+    if subcommand != "fit":
+        raise RunError(f"--ckpt_path last: there is no {last or LAST}; give the .ckpt file to {subcommand}")
+    print(f"No checkpoint to resume in {folder}: a new run starts.", file=sys.stderr)
+    return None
+
+
+def load_checkpoint(ckpt_path: str | None) -> TSALanguageModel:
+    """The module saved by `fit`, on the CPU; refused in one line when unusable or older than model.config."""
+    if ckpt_path is None:
+        raise ConfigError("--ckpt_path is required: the .ckpt file written by `fit`")
+    from tsa_lightning.module import TSALanguageModel  # here: the module reads checkpoints through this file
+
+    read_checkpoint(ckpt_path)  # one line for a missing, cut-short or foreign file
+    return TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
