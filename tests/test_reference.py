@@ -2,7 +2,7 @@
 
 The reference below reads only the modules' parameters (Linear / LayerNorm / Embedding weights) and
 recomputes everything with plain tensor code: it never calls a block's, router's or model's forward.
-Equations (arXiv 2605.05222 as summarised in REFERENCES.md; CALM and Mixture-of-Depths for the rest):
+Equations (arXiv 2605.05222, the published method; CALM and Mixture-of-Depths for the rest):
 
   (R)  p = sigmoid(W2 · ReLU(W1 · h + b1) + b2)                  router, on the raw state h
   (A)  h' = h + (1 - p) * Attn(LN1(h))                            attention update, keep weight 1 - p

@@ -1,6 +1,7 @@
 """Drawing the next token: greedy at temperature 0, softmax(logits / temperature) otherwise, top_k
 keeping exactly the k most likely tokens."""
 
+import re
 import warnings
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from torch.nn import functional as F
 
 from tests.conftest import TINY
+from tsa_lightning import TSALanguageModel
+from tsa_lightning.errors import ConfigError
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, TSATransformer, sample_next
 
@@ -86,3 +89,18 @@ def test_decoding_leaves_the_model_in_the_mode_it_found_it(training):
     model = TSATransformer(TSAConfig(vocab_size=11, block_size=16, **TINY)).train(training)
     generate_cached(model, [torch.tensor([1, 2, 3])], 4, temperature=0)
     assert model.training is training
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"top_k": 0}, "--top_k must be >= 1"),
+        ({"temperature": -1.0}, "--temperature must be >= 0"),
+        ({"threshold": 7.0}, "--threshold must be in [0, 1.01]"),
+        ({"max_new_tokens": -3}, "--max_new_tokens must be >= 1"),
+    ],
+)
+def test_python_sampling_refuses_what_the_command_line_refuses(options, message):
+    module = TSALanguageModel(TSAConfig(vocab_size=11, block_size=16, **TINY))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        module.sample("", **{"max_new_tokens": 4, **options})

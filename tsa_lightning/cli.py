@@ -41,11 +41,11 @@ from tsa_lightning.callbacks import (
     RunProgressBar,
 )
 from tsa_lightning.data import TextDataModule
-from tsa_lightning.errors import ConfigError, RunError, TSAError, check_range
+from tsa_lightning.errors import ConfigError, RunError, TSAError
 from tsa_lightning.evaluation import (
-    MAX_THRESHOLD,
     evaluate,
 )
+from tsa_lightning.inference import check_sampling
 from tsa_lightning.model import TSAConfig, skip_logit
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
@@ -346,10 +346,7 @@ def sample(
         compile: run the decoding steps through torch.compile (the first call compiles for
             seconds; docs/speed.md says when it pays).
     """
-    check_range("max_new_tokens", max_new_tokens, 1)
-    check_range("temperature", temperature, 0)
-    check_range("top_k", top_k, 1)
-    check_range("threshold", threshold, 0, MAX_THRESHOLD)
+    check_sampling(max_new_tokens, temperature, top_k, threshold)
     if budget is not None and threshold is not None:
         raise ConfigError("give --budget or --threshold, not both: a budget sets the threshold")
     module = load_checkpoint(ckpt_path).eval()

@@ -27,6 +27,7 @@ from tsa_lightning.budget import probability
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX, TextDataModule
 from tsa_lightning.errors import ConfigError, RunError, check_range
+from tsa_lightning.inference import MAX_THRESHOLD
 from tsa_lightning.metrics import ComputeMetric
 from tsa_lightning.model import Mode, TSATransformer, skip_logit
 from tsa_lightning.runs import load_checkpoint
@@ -34,7 +35,6 @@ from tsa_lightning.runs import load_checkpoint
 if TYPE_CHECKING:
     from tsa_lightning.module import TSALanguageModel
 
-MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever skipped
 QUIET = {  # a scoring Trainer: no logs, checkpoints, progress bar or model summary of its own
     "logger": False,
     "enable_checkpointing": False,

@@ -11,8 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tsa_lightning.errors import ConfigError
+from tsa_lightning.errors import ConfigError, check_range
 from tsa_lightning.model import Mode, TSATransformer, sample_next
+
+MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever skipped
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, threshold: float | None = None
+) -> None:
+    """What sampling refuses, in one line each: the command line and Python alike."""
+    check_range("max_new_tokens", max_new_tokens, 1)
+    check_range("temperature", temperature, 0)
+    check_range("top_k", top_k, 1)
+    if not isinstance(threshold, Tensor):  # a budget's threshold (log-odds) is the model's own
+        check_range("threshold", threshold, 0, MAX_THRESHOLD)
 
 
 @torch.no_grad()

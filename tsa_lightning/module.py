@@ -18,7 +18,7 @@ from tsa_lightning.budget import REFINEMENTS, Budgets, check_budget, check_elast
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
-from tsa_lightning.inference import generate_cached
+from tsa_lightning.inference import check_sampling, generate_cached
 from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
 from tsa_lightning.model import MODES, Mode, Routing, TSAConfig, TSATransformer
 from tsa_lightning.retrofit import distillation_kl, load_dense_trunk
@@ -483,6 +483,7 @@ class TSALanguageModel(L.LightningModule):
         `budget` (an elastic model): run at that budget's threshold (or give `threshold`)."""
         if budget is not None and threshold is not None:
             raise ConfigError("give a budget or a threshold, not both: a budget sets the threshold")
+        check_sampling(max_new_tokens, temperature, top_k, threshold)
         idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
         mode = mode or self.model.trained_mode
         threshold = self.threshold_at(budget) if threshold is None else threshold
