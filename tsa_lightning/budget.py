@@ -105,6 +105,7 @@ GRID_STEP = 0.05  # an elastic model's thresholds are trained and scored every G
 TABLE_STEP = 0.01  # ... and calibrated every TABLE_STEP, the precision a budget is named to
 START_LIMIT = 30.0  # log-odds: a training threshold starts at most this far out
 REFINEMENTS = 3  # per-batch steps towards each budget's threshold before a thorough calibration's pass
+THOROUGH_BATCHES = 8  # a thorough calibration reads this many batches, spread over the split
 SHOWN = (1.0, 0.85, 0.7, 0.5)  # the budgets an elastic run's chart and summary show, besides its ends
 
 

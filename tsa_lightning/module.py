@@ -14,7 +14,7 @@ from torchmetrics import MetricCollection
 from tsa_lightning import names
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import REFINEMENTS, Budgets, check_budget, check_elastic
+from tsa_lightning.budget import REFINEMENTS, THOROUGH_BATCHES, Budgets, check_budget, check_elastic
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.errors import ConfigError, TrainingDiverged
@@ -275,10 +275,15 @@ class TSALanguageModel(L.LightningModule):
 
         While training, one pass whose rows run the grid's budgets in turn (each budget sees its
         share of the split, at the cost of one pass). The last validation of a fit and `validate`
-        calibrate thoroughly: every table budget (every 0.01) on every row, each batch's thresholds
-        first refined on the batch, so any budget evaluation and sampling ask for lands on the
-        whole split."""
+        calibrate thoroughly: every table budget (every 0.01) on every row of THOROUGH_BATCHES
+        batches spread over the split, each batch's thresholds first refined on the batch, so any
+        budget evaluation and sampling ask for lands on the whole split."""
         thorough = self.trainer.state.fn != "fit" or self.global_step >= self.trainer.max_steps
+        if thorough:  # every THOROUGH_BATCHES-th part of the split: 71 budgets' passes cost many
+            batches = self.trainer.num_val_batches[0]
+            stride = math.ceil(batches / THOROUGH_BATCHES) if math.isfinite(batches) else 1
+            if batch_idx % stride:
+                return
         rank, world = self.global_rank, self.trainer.world_size
         start = self.budget.validation_thresholds()
         valid = y != IGNORE_INDEX
