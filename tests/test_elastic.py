@@ -408,3 +408,23 @@ def test_test_runs_an_elastic_checkpoint_at_the_budget_asked_for(cli_run, capsys
     assert abs(routed[0.5] - 0.5) < 0.1 and routed[1.0] == 1.0, routed
     message = cli_error("test", *args[1:], "--model.compute_budget=0.3", f"--ckpt_path={last}")
     assert "compute_budget 0.3 is outside elastic_budgets [0.45, 1.0]" in message
+
+
+def test_every_budget_follows_its_quantile_at_the_momentum_asked_for():
+    budget = Budgets.elastic(0.3, 1.0, momentum=0.25, initial=0.5)  # initial log-odds 0
+    logits = torch.randn(32, 8, 3, generator=torch.Generator().manual_seed(3))
+    budget.follow(logits, step=0)
+    rows = budget.rows(32, 0)
+    for g, b in enumerate(budget.budgets[:-1]):
+        target = torch.kthvalue(logits[rows == g].flatten(), round(b * logits[rows == g].numel())).values
+        assert float(budget.running[g]) == pytest.approx(0.25 * float(target), rel=1e-6)
+
+
+def test_calibration_never_counts_the_padding_of_a_last_window():
+    """Padded positions carry logits too; a quantile that counted them would move the threshold."""
+    budget = Budgets([0.5], momentum=0.1, initial=0.5)
+    logits = torch.cat([torch.linspace(-1, 1, 64), torch.full((64,), 50.0)]).view(1, 128, 1)
+    valid = torch.arange(128).view(1, 128) < 64  # the last 64 positions are padding
+    budget.observe(logits, valid)
+    budget.calibrate()
+    assert float(budget.table[0]) <= 0.0 + 1e-6  # the median of the real positions, not of all 128
