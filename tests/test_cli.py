@@ -351,3 +351,17 @@ def test_the_python_api_raises_typed_errors(trained_run, tmp_path):
         load_checkpoint(str(tmp_path / "missing.ckpt"))
     assert issubclass(ConfigError, ValueError) and issubclass(RunError, TSAError)
     assert load_checkpoint(ckpt).config.n_layer > 0
+
+
+def test_a_budget_for_a_checkpoint_trained_without_one_is_refused_in_one_line(trained_run):
+    result = cli(
+        "validate",
+        f"--config={trained_run / 'runs/cpu/version_0/config.yaml'}",
+        "--ckpt_path=runs/cpu/checkpoints/last.ckpt",
+        "--model.compute_budget=0.5",
+        cwd=trained_run,
+    )
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert "trained without a compute budget" in message and "--model.config.skip_threshold" in message
+    assert "depth_loss_weight" not in message  # not the fit-time rule, which does not apply here
