@@ -258,8 +258,7 @@ def version(path: Path) -> int:
 def test_point(path: Path) -> dict:
     """The last row of a `test` run's CSV log, under the names of a sweep's points."""
     row = list(csv.DictReader(path.read_text().splitlines()))[-1]
-    blocks = sum(bool(names.BLOCK_SHARE.match(k)) for k in row)
-    per_layer = [float(row[names.block_share("test", i)]) for i in range(blocks)]
+    per_layer = [float(share) for share in names.block_shares(row, "test")]
     return {
         "threshold": None,
         "bpc": float(row[names.loss("test", "hard")]),

@@ -115,6 +115,13 @@ def budget_grid(low: float, high: float) -> list[float]:
     return [low, *(round(k * GRID_STEP, 10) for k in inner), high]
 
 
+def table_grid(budgets: list[float]) -> list[float]:
+    """The budgets of a calibrated table: the grid's, and every TABLE_STEP between."""
+    low, high = budgets[0], budgets[-1]
+    steps = range(math.floor(low / TABLE_STEP + 1e-9) + 1, math.ceil(high / TABLE_STEP - 1e-9))
+    return sorted({*budgets, *(round(k * TABLE_STEP, 10) for k in steps)})
+
+
 def check_elastic(budgets: list[float], default: float | None) -> tuple[float, float]:
     """The trained range (low, high) of `elastic_budgets`, refused in one line when it is not one."""
     if len(budgets) != 2 or not 0.0 < budgets[0] < budgets[1] <= 1.0:
@@ -146,11 +153,11 @@ class Budgets(nn.Module):
     between (the sandwich rule, in one pass). Rows are numbered as one process's batch would hold
     them (DDP deals a batch's windows to the ranks in turn), so DDP trains what one process would.
 
-    Validation calibrates, on the whole split in hard mode, a threshold every TABLE_STEP of budget
-    (`table`), since p without dropout need not sit where it did in training: budget b's is the
-    b-quantile of the scores that the hard pass at the nearest grid point saw. Evaluation uses the
-    calibrated table until training moves on. All are buffers: checkpoints carry them, resumes
-    continue exactly.
+    Validation calibrates in hard mode a threshold every TABLE_STEP of budget (`table`), since p
+    without dropout need not sit where it did in training: budget b's is the b-quantile of the
+    scores a hard pass at b saw (while training only the grid's budgets run, and the table between
+    them is interpolated). Evaluation uses the calibrated table until training moves on. All are
+    buffers: checkpoints carry them, resumes continue exactly.
     """
 
     def __init__(
@@ -164,6 +171,7 @@ class Budgets(nn.Module):
         super().__init__()
         self.budgets, self.momentum, self.top_share = budgets, momentum, top_share
         self.budget = budgets[-1] if default is None else default
+        self.table_budgets = table_grid(budgets)
         first = min(max(skip_logit(initial), -START_LIMIT), START_LIMIT)  # a threshold of 0 or 1 can move
         start = [math.inf if b >= 1.0 else first for b in budgets]
         self.register_buffer("running", torch.tensor(start))
@@ -184,13 +192,6 @@ class Budgets(nn.Module):
     def elastic_range(self) -> list[float] | None:
         """[lowest, highest] of an elastic model; None for one budget."""
         return [self.budgets[0], self.budgets[-1]] if len(self.budgets) > 1 else None
-
-    @property
-    def table_budgets(self) -> list[float]:
-        """The budgets of the calibrated table: the grid's, and every TABLE_STEP between."""
-        low, high = self.budgets[0], self.budgets[-1]
-        steps = range(math.floor(low / TABLE_STEP + 1e-9) + 1, math.ceil(high / TABLE_STEP - 1e-9))
-        return sorted({*self.budgets, *(round(k * TABLE_STEP, 10) for k in steps)})
 
     def shown(self) -> list[float]:
         """The budgets a run's chart, summary and suite show, highest first: SHOWN's inside the

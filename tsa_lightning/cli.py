@@ -265,7 +265,7 @@ def end_of_run(trainer: Trainer) -> str:
         names.of_split("val", "flops_saved"): "FLOPs saved",
     }
     shown = [f"{label} {metrics[k]:.4f}" for k, label in labels.items() if k in metrics]
-    shares = [metrics[k] for k in sorted(metrics, key=names.block_of) if k.startswith("executed/val/")]
+    shares = names.block_shares(metrics, "val")
     if shares:
         shown.append(f"mean blocks per token {sum(shares):.2f} of {len(shares)}")
         shown.append("each block ran for " + " ".join(f"{share:.0%}" for share in shares))

@@ -26,10 +26,12 @@ def block_share(stage: str, block: int) -> str:
     return f"executed/{stage}/block_{block}"
 
 
-def block_of(name: str) -> int:
-    """The block a `block_share` name counts (names of other metrics sort last)."""
-    match = BLOCK_SHARE.match(name)
-    return int(match["block"]) if match else 1 << 30
+def block_shares(metrics: dict, stage: str) -> list:
+    """A stage's per-block shares from a dict of logged metrics, block 0 first."""
+    found = {
+        int(m["block"]): v for k, v in metrics.items() if (m := BLOCK_SHARE.match(k)) and m["stage"] == stage
+    }
+    return [found[block] for block in sorted(found)]
 
 
 def at_budget(budget: float, what: str) -> str:
