@@ -246,7 +246,6 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
         "tsa_straight_through": TSATransformer(
             replace(tsa_config, routing="tsa", gate="straight_through")
         ).to(device),
-        "tsa_unit": TSATransformer(replace(tsa_config, routing="tsa", gate="unit")).to(device),
         "dense_twin": TSATransformer(replace(tsa_config, routing="none")).to(device),
         "plain_gpt": PlainGPT(tsa_config).to(device),
     }
@@ -278,7 +277,8 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
 
     runs = {name: step(m) for name, m in models.items()}
     elastic = Budgets.elastic(0.35, 1.0, momentum=0.1, initial=0.5, top_share=0.5).to(device)
-    runs["tsa_elastic"] = step(models["tsa_unit"], elastic)
+    elastic_model = TSATransformer(replace(tsa_config, routing="tsa", gate="unit")).to(device)
+    runs["tsa_elastic"] = step(elastic_model, elastic)
     t = alternate(runs, repeats, device)
     c = tsa_config
     return {
