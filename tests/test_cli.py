@@ -17,9 +17,10 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from tests.conftest import REPO, write_corpus
 from tsa_lightning.callbacks import HPARAM_LEAD, HPARAM_METRICS
-from tsa_lightning.cli import main, sample
+from tsa_lightning.cli import main
 from tsa_lightning.corpus import SHAKESPEARE_ALPHABET
 from tsa_lightning.data import ShakespeareDataModule
+from tsa_lightning.inference import sample
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]

@@ -16,10 +16,11 @@ from tests.test_resume import fit_args
 from tests.test_robustness import cli_error
 from tests.test_scale import fit
 from tsa_lightning.budget import Budgets, budget_grid, probability
-from tsa_lightning.cli import main, sample
+from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.errors import ConfigError
 from tsa_lightning.evaluation import evaluate
+from tsa_lightning.inference import sample
 from tsa_lightning.model import TSAConfig, TSATransformer
 from tsa_lightning.module import TSALanguageModel
 

@@ -10,19 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
-import traceback
 import warnings
 from argparse import ArgumentError
-from dataclasses import fields
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
-import torch
-import yaml
-from jsonargparse import Namespace, auto_cli
+from jsonargparse import auto_cli
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
@@ -30,7 +24,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning import names
-from tsa_lightning.budget import probability
 from tsa_lightning.callbacks import (
     BudgetCurve,
     Dashboard,
@@ -40,13 +33,11 @@ from tsa_lightning.callbacks import (
     PredictionWriter,
     RunProgressBar,
 )
+from tsa_lightning.compatibility import given_model_options, options_to_apply
 from tsa_lightning.data import TextDataModule
-from tsa_lightning.errors import ConfigError, RunError, TSAError
-from tsa_lightning.evaluation import (
-    evaluate,
-)
-from tsa_lightning.inference import check_sampling
-from tsa_lightning.model import TSAConfig, skip_logit
+from tsa_lightning.errors import RunError, TSAError, check_arguments, is_usage_error, one_line
+from tsa_lightning.evaluation import evaluate
+from tsa_lightning.inference import sample
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
     AtomicCheckpointIO,
@@ -54,10 +45,7 @@ from tsa_lightning.runs import (
     LastCheckpoint,
     RunLock,
     checkpoint_folder,
-    describe_os_error,
     is_launching_process,
-    last_checkpoint,
-    load_checkpoint,
     logger_args,
     read_checkpoint,
     remove_partial_writes,
@@ -65,6 +53,7 @@ from tsa_lightning.runs import (
     resumes_own_run,
     where_logged,
 )
+from tsa_lightning.summary import end_of_run
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -138,45 +127,16 @@ class TSALightningCLI(LightningCLI):
             self.saved = read_checkpoint(config.ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
-        """The checkpoint's model options, except those given here: refused on resume, applied otherwise.
-
-        Lightning replaces every model option with the checkpoint's, silently. A resumed `fit`
-        continues the checkpoint's training (its optimizer, its schedule), so an option given
-        differently would be dropped: refuse it. `validate`, `test` and `predict` apply the given
-        options that do not change the weights' shapes (a threshold, a budget).
-        """
+        """The checkpoint's model options, except those given here: refused on resume, applied otherwise
+        (compatibility.py says which). Overrides a private method of Lightning 2.x's LightningCLI,
+        which writes the checkpoint's hyperparameters over the parsed config; its name and call are
+        checked by tests/test_cli.py."""
         if self.saved is None:
             return
         subcommand = self.config.subcommand
-        ckpt_path = self.config[subcommand].ckpt_path
-        saved = self.saved["hyper_parameters"]
-        given = given_model_options(self.config[subcommand].model, self._subcommand_parsers[subcommand])
-        differing = {
-            key: value for key, value in given.items() if normalized(value) != normalized(lookup(saved, key))
-        }
-        shape_fields = {f"config.{f.name}" for f in fields(TSAConfig) if f.metadata.get("shape")}
-        refused = (
-            differing if subcommand == "fit" else {k: v for k, v in differing.items() if k in shape_fields}
-        )
-        if refused:
-            listed = ", ".join(
-                f"{key}={value!r} (checkpoint: {lookup(saved, key)!r})" for key, value in refused.items()
-            )
-            advice = (
-                "a resumed run continues the checkpoint's training; drop these options to resume it, or "
-                "start a new run under another name"
-                if subcommand == "fit"
-                else "these change the network's shape; use the run's own config.yaml with its checkpoint"
-            )
-            raise RunError(
-                f"the checkpoint {ckpt_path} was trained with other model options: {listed}; {advice}"
-            )
-        if "compute_budget" in differing and "budget.running" not in self.saved["state_dict"]:
-            raise ConfigError(
-                f"the checkpoint {ckpt_path} was trained without a compute budget, so it has no threshold "
-                "for one: drop --model.compute_budget and give --model.config.skip_threshold, or sweep "
-                "thresholds with `tsa-lightning evaluate`"
-            )
+        defaults = self._subcommand_parsers[subcommand].get_defaults().model
+        given = given_model_options(self.config[subcommand].model, defaults)
+        differing = options_to_apply(subcommand, given, self.saved, self.config[subcommand].ckpt_path)
         super()._parse_ckpt_path()
         for key, value in differing.items():  # what validate/test/predict were asked for wins
             self.config[subcommand].model[key] = value
@@ -256,116 +216,6 @@ class TSALightningCLI(LightningCLI):
         print(end_of_run(trainer), file=sys.stderr)
 
 
-def end_of_run(trainer: Trainer) -> str:
-    lines = [f"Run finished at step {trainer.global_step}."]
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    labels = {
-        names.loss("val", "hard"): "hard-mode bpc",
-        names.of_split("val"): "TLOps saved",
-        names.of_split("val", "flops_saved"): "FLOPs saved",
-    }
-    shown = [f"{label} {metrics[k]:.4f}" for k, label in labels.items() if k in metrics]
-    shares = names.block_shares(metrics, "val")
-    if shares:
-        shown.append(f"mean blocks per token {sum(shares):.2f} of {len(shares)}")
-        shown.append("each block ran for " + " ".join(f"{share:.0%}" for share in shares))
-    if shown:
-        lines.append("  last validation: " + ", ".join(shown))
-    module = trainer.lightning_module
-    shown = module.budget.shown() if module.elastic_range else []
-    budgets = {b: metrics.get(names.at_budget(b, "bpc")) for b in shown}
-    if shown:
-        low, high = module.elastic_range
-        lines.append(
-            f"  elastic depth:   trained for every budget in [{low:g}, {high:g}]; evaluation and sampling "
-            f"run at {module.budget.budget:g} unless given --budget"
-        )
-    if budgets and None not in budgets.values():
-        each = ", ".join(f"{b:.2f} {bpc:.4f}" for b, bpc in budgets.items())
-        lines.append(f"  bpc by budget:   {each}")
-    last = last_checkpoint(trainer)
-    if last is not None and last.path.is_file():
-        lines.append(f"  final state:     {last.path}")
-    best = trainer.checkpoint_callback
-    if best is not None and best.best_model_path:
-        score = f" ({best.monitor} {float(best.best_model_score):.4f})" if best.best_model_score else ""
-        lines.append(f"  best checkpoint: {best.best_model_path}{score}")
-    logged = where_logged(trainer)
-    if logged is not None:
-        log_dir, board = logged
-        lines.append(f"  logs:            {log_dir}  (see them: tensorboard --logdir {board})")
-    if last is not None and last.path.is_file():
-        at = f" --budget {min(shown):.2f}" if shown else ""
-        lines.append(f"  next:            tsa-lightning sample --ckpt_path {last.path}{at}")
-    return "\n".join(lines)
-
-
-def given_model_options(model: Namespace, parser: LightningArgumentParser) -> dict:
-    """Model options whose value is not the parser's default: those the command line or a config gave."""
-    defaults = parser.get_defaults().model
-    return {key: value for key, value in model.items() if normalized(value) != normalized(defaults.get(key))}
-
-
-def lookup(hparams: dict, key: str):
-    """`config.n_layer` in a checkpoint's nested hyperparameters."""
-    for part in key.split("."):
-        hparams = hparams.get(part) if isinstance(hparams, dict) else None
-    return hparams
-
-
-def normalized(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def sample(
-    ckpt_path: str | None = None,
-    prompt: str = "\n",
-    max_new_tokens: int = 500,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    mode: Literal["soft", "hard"] | None = None,
-    threshold: float | None = None,
-    seed: int = 1337,
-    compile: bool = False,
-    budget: float | None = None,
-) -> str:
-    """Print text sampled from a checkpoint with the KV-cache decoder.
-
-    Args:
-        ckpt_path: a checkpoint written by `fit`.
-        prompt: text to continue (in the corpus alphabet).
-        max_new_tokens: how many tokens to generate (>= 1).
-        temperature: softmax temperature (>= 0); 0 is greedy.
-        top_k: sample only among the k most likely tokens (>= 1).
-        mode: "soft" (every block runs) or "hard" (tokens skip blocks); default: the mode the model
-            was trained for (hard for a straight-through gate, early exit and Mixture-of-Depths).
-        threshold: skip threshold for hard mode, in [0, 1.01] (default: the trained model's).
-        budget: an elastic checkpoint's budget (a share of the routed blocks run) to decode at,
-            within the range it was trained for (default: its compute_budget).
-        seed: random seed for sampling.
-        compile: run the decoding steps through torch.compile (the first call compiles for
-            seconds; docs/speed.md says when it pays).
-    """
-    check_sampling(max_new_tokens, temperature, top_k, threshold)
-    if budget is not None and threshold is not None:
-        raise ConfigError("give --budget or --threshold, not both: a budget sets the threshold")
-    module = load_checkpoint(ckpt_path).eval()
-    threshold = module.threshold_at(budget) if budget is not None else threshold
-    torch.manual_seed(seed)
-    if compile:  # skipping is data-dependent: dynamo's notes on the graph breaks and recompiles it
-        torch._logging.set_logs(dynamo=logging.ERROR)  # causes are expected, nothing for a user to act on
-    mode = mode or module.model.trained_mode
-    text = module.sample(prompt, max_new_tokens, temperature, top_k, mode, threshold, compile)
-    used = module.skip_threshold if threshold is None else threshold
-    at = f"threshold {probability(skip_logit(used)):.4g}"
-    if module.elastic_range:
-        at = f"budget {module.budget.budget if budget is None else budget:g}, {at}"
-    compiled = ", compiled" if compile else ""
-    print(f"[{mode} mode at {at}, KV-cache decoding{compiled}]", file=sys.stderr)
-    print(prompt + text)
-    return text
-
-
 SUBCOMMANDS = {"sample": sample, "evaluate": evaluate}
 
 
@@ -378,56 +228,6 @@ def overview() -> argparse.ArgumentParser:
         first_sentence = " ".join(function.__doc__.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
         commands.add_parser(name, help=first_sentence)
     return parser
-
-
-def check_arguments(argv: list[str]) -> None:
-    """Faults jsonargparse would report without naming the argument or the file: found here first."""
-    for i, arg in enumerate(argv):
-        try:
-            arg.encode()
-        except UnicodeEncodeError:
-            raise RunError(
-                f"argument {os.fsencode(arg)!r} is not valid UTF-8 (a file name in another encoding?); "
-                "rename the file, or link to it under a UTF-8 name"
-            ) from None
-        config = arg.removeprefix("--config=") if arg.startswith("--config=") else None
-        if arg == "--config" and i + 1 < len(argv):
-            config = argv[i + 1]
-        if config and Path(config).is_file():
-            try:
-                yaml.safe_load(Path(config).read_text())
-            except yaml.YAMLError as e:
-                where = getattr(e, "problem_mark", None)
-                at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-                problem = getattr(e, "problem", e)
-                raise RunError(f"config file {config} is not valid YAML{at}: {problem}") from None
-
-
-def explained(message: str) -> str:
-    """One line: jsonargparse's reasons without its dump of every type a value could have had."""
-    if "Errors:" not in message:
-        return " ".join(message.split())
-    head = message.split("Does not validate")[0]
-    errors = message.split("Errors:", 1)[1].split("Given value")[0]
-    reasons = [" ".join(item.split()) for item in re.split(r"\n\s*- ", "\n" + errors) if item.strip()]
-    return " ".join((head + "; ".join(r for r in reasons if "NoneType" not in r)).split())
-
-
-def is_usage_error(e: BaseException) -> bool:
-    """The package's own errors, a file-system fault, or an option jsonargparse refused while
-    building the classes; any other exception is a bug and keeps its traceback."""
-    if isinstance(e, ArgumentError | TSAError | OSError):
-        return True
-    frames = traceback.extract_tb(e.__traceback__)
-    return bool(frames) and "jsonargparse" in frames[-1].filename
-
-
-def one_line(e: BaseException, command: str) -> str:
-    if isinstance(e, ArgumentError):  # an unknown key or a wrong type, from the command line or a file
-        return f"{explained(str(e))} (see `tsa-lightning {command} --help` for the options)"
-    if isinstance(e, OSError):  # a full disk, a read-only folder
-        return describe_os_error(e)
-    return explained(str(e))
 
 
 class LightningNotes(logging.Filter):

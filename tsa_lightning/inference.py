@@ -8,11 +8,17 @@ full-sequence hard forward. Prompts of different lengths are left-padded; pads a
 
 from __future__ import annotations
 
+import logging
+import sys
+from typing import Literal
+
 import torch
 from torch import Tensor
 
+from tsa_lightning.budget import probability
 from tsa_lightning.errors import ConfigError, check_range
-from tsa_lightning.model import Mode, TSATransformer, sample_next
+from tsa_lightning.model import Mode, TSATransformer, sample_next, skip_logit
+from tsa_lightning.runs import load_checkpoint
 
 MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever skipped
 
@@ -77,3 +83,52 @@ def generate_cached(
         model.clear_kv_cache()
         model.train(was_training)  # the caller's mode, as it was
     return [torch.cat([p.to(device), tokens[b, T0:]]) for b, p in enumerate(prompts)]
+
+
+def sample(
+    ckpt_path: str | None = None,
+    prompt: str = "\n",
+    max_new_tokens: int = 500,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    mode: Literal["soft", "hard"] | None = None,
+    threshold: float | None = None,
+    seed: int = 1337,
+    compile: bool = False,
+    budget: float | None = None,
+) -> str:
+    """Print text sampled from a checkpoint with the KV-cache decoder.
+
+    Args:
+        ckpt_path: a checkpoint written by `fit`.
+        prompt: text to continue (in the corpus alphabet).
+        max_new_tokens: how many tokens to generate (>= 1).
+        temperature: softmax temperature (>= 0); 0 is greedy.
+        top_k: sample only among the k most likely tokens (>= 1).
+        mode: "soft" (every block runs) or "hard" (tokens skip blocks); default: the mode the model
+            was trained for (hard for a straight-through gate, early exit and Mixture-of-Depths).
+        threshold: skip threshold for hard mode, in [0, 1.01] (default: the trained model's).
+        budget: an elastic checkpoint's budget (a share of the routed blocks run) to decode at,
+            within the range it was trained for (default: its compute_budget).
+        seed: random seed for sampling.
+        compile: run the decoding steps through torch.compile (the first call compiles for
+            seconds; docs/speed.md says when it pays).
+    """
+    check_sampling(max_new_tokens, temperature, top_k, threshold)
+    if budget is not None and threshold is not None:
+        raise ConfigError("give --budget or --threshold, not both: a budget sets the threshold")
+    module = load_checkpoint(ckpt_path).eval()
+    threshold = module.threshold_at(budget) if budget is not None else threshold
+    torch.manual_seed(seed)
+    if compile:  # skipping is data-dependent: dynamo's notes on the graph breaks and recompiles it
+        torch._logging.set_logs(dynamo=logging.ERROR)  # causes are expected, nothing for a user to act on
+    mode = mode or module.model.trained_mode
+    text = module.sample(prompt, max_new_tokens, temperature, top_k, mode, threshold, compile)
+    used = module.skip_threshold if threshold is None else threshold
+    at = f"threshold {probability(skip_logit(used)):.4g}"
+    if module.elastic_range:
+        at = f"budget {module.budget.budget if budget is None else budget:g}, {at}"
+    compiled = ", compiled" if compile else ""
+    print(f"[{mode} mode at {at}, KV-cache decoding{compiled}]", file=sys.stderr)
+    print(prompt + text)
+    return text

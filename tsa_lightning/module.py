@@ -8,15 +8,16 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from torchmetrics import MetricCollection
 
 from tsa_lightning import names
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import REFINEMENTS, THOROUGH_BATCHES, Budgets, check_budget, check_elastic
+from tsa_lightning.budget import THOROUGH_BATCHES, Budgets, check_budget, check_elastic
+from tsa_lightning.compatibility import check_checkpoint
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
+from tsa_lightning.elastic import GridScores, full_depth_kl
 from tsa_lightning.errors import ConfigError, TrainingDiverged
 from tsa_lightning.inference import check_sampling, generate_cached
 from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
@@ -130,9 +131,7 @@ class TSALanguageModel(L.LightningModule):
         )
         self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in names.STAGES})
         # an elastic model's validation scores every budget of its grid
-        grid = self.budget.budgets if self.elastic_range else []
-        self.budget_bits = torch.nn.ModuleList(Bits() for _ in grid)
-        self.budget_compute = torch.nn.ModuleList(ComputeMetric(self.config) for _ in grid)
+        self.grid_scores = GridScores(self.config, self.budget.budgets if self.elastic_range else [])
         # a compiled function, not a module: the state dict keeps one copy of the weights
         self.train_forward = torch.compile(self.model.forward) if compile else self.model.forward
 
@@ -189,20 +188,12 @@ class TSALanguageModel(L.LightningModule):
 
     def distillation(self, x: Tensor, logits: Tensor, threshold: float | Tensor) -> Tensor:
         """KL from the teacher's next-token distribution: the `init_from` model's, or (elastic) this
-        network's own at full depth, for the rows trained below it - the teacher's pass runs
-        without dropout or gradient, on those rows only."""
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)[0]
-            return distillation_kl(teacher_logits, logits)
-        below = ~torch.isinf(threshold)
-        if not below.any():
-            return logits.new_zeros(())
-        self.model.eval()
+        network's own at full depth."""
+        if self.teacher is None:
+            return full_depth_kl(self.model, x, logits, threshold)
         with torch.no_grad():
-            teacher_logits = self.model(x[below], mode="hard", threshold=1.0)[0]
-        self.model.train()
-        return distillation_kl(teacher_logits, logits[below])
+            teacher_logits = self.teacher(x)[0]
+        return distillation_kl(teacher_logits, logits)
 
     def train_threshold(self, batch_size: int) -> float | Tensor:
         """The gate's threshold in training: one per row (log-odds) for the budget the row trains
@@ -262,7 +253,7 @@ class TSALanguageModel(L.LightningModule):
         routings.setdefault("hard", routings.get("soft"))
         valid = y != IGNORE_INDEX
         if stage == "val" and self.elastic_range:
-            self._evaluate_budgets(x, y, batch_idx)
+            self._score_grid(batch, batch_idx)
         elif stage == "val" and self.budget is not None:
             self.budget.observe(routings["hard"].halt_logits, valid)
         # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
@@ -270,14 +261,11 @@ class TSALanguageModel(L.LightningModule):
         self.eval_compute[stage].update(Routing(soft.halt_probs, routings["hard"].executed), valid)
         return routings
 
-    def _evaluate_budgets(self, x: Tensor, y: Tensor, batch_idx: int) -> None:
-        """An elastic model: each budget of the grid scored in hard mode, which also calibrates it.
-
-        While training, one pass whose rows run the grid's budgets in turn (each budget sees its
-        share of the split, at the cost of one pass). The last validation of a fit and `validate`
-        calibrate thoroughly: every table budget (every 0.01) on every row of THOROUGH_BATCHES
-        batches spread over the split, each batch's thresholds first refined on the batch, so any
-        budget evaluation and sampling ask for lands on the whole split."""
+    def _score_grid(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """An elastic model's grid, scored in hard mode (which also calibrates it). While training: one
+        pass whose rows run the grid's budgets in turn. The last validation of a fit and `validate`
+        calibrate thoroughly: every table budget (every 0.01) on THOROUGH_BATCHES batches spread over
+        the split, so any budget evaluation and sampling ask for lands on the whole split."""
         thorough = self.trainer.state.fn != "fit" or self.global_step >= self.trainer.max_steps
         if thorough:  # every THOROUGH_BATCHES-th part of the split: 71 budgets' passes cost many
             batches = self.trainer.num_val_batches[0]
@@ -285,28 +273,7 @@ class TSALanguageModel(L.LightningModule):
             if batch_idx % stride:
                 return
         rank, world = self.global_rank, self.trainer.world_size
-        start = self.budget.validation_thresholds()
-        valid = y != IGNORE_INDEX
-        for points in self.budget.validation_passes(len(x), batch_idx, thorough, rank, world):
-            threshold = start[points.to(start.device)]
-            for _ in range(REFINEMENTS if thorough else 0):
-                routing = self.model(x, mode="hard", threshold=threshold)[2]
-                threshold = self.budget.batch_thresholds(routing.halt_logits, valid, points)
-            logits, _, routing = self.model(x, mode="hard", threshold=threshold)
-            self.budget.observe(routing.halt_logits, valid, points)
-            if not set(points.tolist()) & set(self.budget.grid_index):
-                continue  # a budget between the grid's: calibrated, not scored
-            losses = F.cross_entropy(
-                logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-            ).view_as(y)
-            points = points.to(x.device)
-            for g, k in enumerate(self.budget.grid_index):
-                rows = points == k
-                if valid[rows].any():
-                    self.budget_bits[g].update(losses[rows][valid[rows]].mean(), y[rows])
-                    self.budget_compute[g].update(
-                        Routing(routing.halt_probs[rows], routing.executed[rows]), valid[rows]
-                    )
+        self.grid_scores.update(self.model, self.budget, batch, batch_idx, thorough, rank, world)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
         return self._evaluate(batch, "val", batch_idx)
@@ -322,7 +289,7 @@ class TSALanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
         if self.elastic_range:
-            self._log_budgets()
+            self.log_dict(self.grid_scores.logged(self.model.gated_blocks()))
         if self.budget is None:
             return
         if self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
@@ -334,22 +301,6 @@ class TSALanguageModel(L.LightningModule):
             self.log_dict(dict(zip(tags, calibrated, strict=True)))
         else:
             self.log(names.of_split("val", "calibrated_threshold"), calibrated[0])
-
-    def _log_budgets(self) -> None:
-        """Each grid budget's bpc, FLOPs saved and routed share executed (at the thresholds it ran)."""
-        gated = self.model.gated_blocks()
-        for budget, bits, compute in zip(
-            self.budget.budgets, self.budget_bits, self.budget_compute, strict=True
-        ):
-            if not compute.tokens:  # a split too small to reach this budget's rows
-                continue
-            report = compute.compute()
-            shares = [report.executed_per_layer[b] for b in gated]
-            self.log(names.at_budget(budget, "bpc"), bits.compute())
-            self.log(names.at_budget(budget, "flops_saved"), report.flops_saved)
-            self.log(names.at_budget(budget, "routed_executed"), sum(shares) / len(shares))
-            bits.reset()
-            compute.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
@@ -389,52 +340,7 @@ class TSALanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, in one line, a checkpoint whose network differs from the one configured."""
         self.trained_steps = int(checkpoint.get("global_step", 0))
-        state = checkpoint["state_dict"]
-        if "budget.calibrated" in state or "budget.points.0.running" in state:
-            raise ConfigError(
-                "the checkpoint holds its budget's thresholds as probabilities, from a version before "
-                "thresholds were log-odds; train it again with this version"
-            )
-        budgeted = "budget.running" in state
-        if budgeted and self.budget is None:
-            raise ConfigError(
-                "the checkpoint was trained with a compute budget; give the run's compute_budget "
-                "(its config.yaml has it) or load it with TSALanguageModel.load_from_checkpoint"
-            )
-        if self.budget is not None and not budgeted:
-            raise ConfigError(
-                "the checkpoint was trained without a compute budget, so it has no threshold for one; "
-                "drop compute_budget and choose a threshold instead (--model.config.skip_threshold, or "
-                "evaluate --thresholds to sweep them)"
-            )
-        # (kept apart from the hyperparameters, which loading may override; older checkpoints: there)
-        trained = checkpoint.get("elastic_budgets", checkpoint["hyper_parameters"].get("elastic_budgets"))
-        this = self.elastic_range
-        if trained != this:
-            raise ConfigError(
-                f"the checkpoint was trained with elastic_budgets={trained} (this run: {this}); use the "
-                "run's own config.yaml, or load it with TSALanguageModel.load_from_checkpoint"
-            )
-        different = Codec(checkpoint["hyper_parameters"].get("alphabet")).difference(
-            self.codec, ("the checkpoint", "the data")
-        )
-        if different:
-            raise ConfigError(
-                f"the checkpoint's vocabulary differs from the data's ({different}); use the corpus "
-                "the checkpoint was trained on"
-            )
-        # the network as saved: Lightning's load_from_checkpoint(config=...) rewrites the hyperparameters
-        saved = TSAConfig(**checkpoint.get("network", checkpoint["hyper_parameters"]["config"]))
-        mismatched = [
-            f"{key}={getattr(saved, key)!r} (this run: {getattr(self.config, key)!r})"
-            for key in saved.mismatches(self.config)
-        ]
-        if mismatched:
-            raise ConfigError(
-                "the checkpoint was trained with a different model: "
-                + ", ".join(mismatched)
-                + "; use the run's own config.yaml (and the same data) with this checkpoint"
-            )
+        check_checkpoint(checkpoint, self.config, self.codec, self.budget is not None, self.elastic_range)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint with NaN or infinite weights would overwrite the last good one: refuse it. The

@@ -236,21 +236,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def describe_os_error(e: OSError) -> str:
-    """One line for a file-system fault a user can fix."""
-    where = " -> ".join(str(name) for name in (e.filename, e.filename2) if name is not None) or "a file"
-    hints = {
-        errno.ENOSPC: "the disk is full: free some space, then resume with --ckpt_path last",
-        errno.EACCES: "permission denied: make it writable/readable or choose another folder",
-        errno.EPERM: "permission denied: make it writable/readable or choose another folder",
-        errno.EROFS: "the file system is read-only: choose another folder",
-        errno.EISDIR: "this is a folder, but a file is needed here",
-        errno.ENOTDIR: "a file stands where a folder is needed",
-        errno.ENOENT: "no such file or folder",
-    }
-    return f"{where}: {hints.get(e.errno, e.strerror or str(e))}"
-
-
 # Lightning (2.4-2.6) logs every scalar at `fit_loop.epoch_loop._batches_that_stepped` and offers no
 # public way to read or set it; `validate` and `test` of a checkpoint would log at step 0. These two
 # functions are the only place that touches it (tests/test_cli.py checks that they still work).

@@ -1,0 +1,92 @@
+"""Elastic depth beyond the thresholds: full depth teaches the rows trained below it, and validation
+scores (and calibrates) every budget of the grid."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tsa_lightning import names
+from tsa_lightning.budget import REFINEMENTS, Budgets
+from tsa_lightning.data import IGNORE_INDEX
+from tsa_lightning.metrics import Bits, ComputeMetric
+from tsa_lightning.model import Routing, TSAConfig, TSATransformer
+from tsa_lightning.retrofit import distillation_kl
+
+
+def full_depth_kl(model: TSATransformer, x: Tensor, logits: Tensor, threshold: Tensor) -> Tensor:
+    """In-place distillation: KL from the network's own full-depth prediction of the same text, for
+    the rows trained below full depth; the teacher's pass runs without dropout or gradient."""
+    below = ~torch.isinf(threshold)
+    if not below.any():
+        return logits.new_zeros(())
+    model.eval()
+    with torch.no_grad():
+        teacher_logits = model(x[below], mode="hard", threshold=1.0)[0]
+    model.train()
+    return distillation_kl(teacher_logits, logits[below])
+
+
+class GridScores(nn.Module):
+    """Each grid budget's bpc and compute over a validation split, summed over batches and ranks."""
+
+    def __init__(self, config: TSAConfig, budgets: list[float]) -> None:
+        super().__init__()
+        self.budgets = budgets
+        self.bits = nn.ModuleList(Bits() for _ in budgets)
+        self.compute = nn.ModuleList(ComputeMetric(config) for _ in budgets)
+
+    @torch.no_grad()
+    def update(
+        self,
+        model: TSATransformer,
+        budget: Budgets,
+        batch: tuple[Tensor, Tensor],
+        batch_idx: int,
+        thorough: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        """Run the batch at the budgets `budget.validation_passes` deals its rows, observing each
+        row's router logits for calibration. Thorough: each pass's thresholds are first refined
+        REFINEMENTS times on the batch (a moved threshold changes later routers' logits)."""
+        x, y = batch
+        start = budget.validation_thresholds()
+        valid = y != IGNORE_INDEX
+        for points in budget.validation_passes(len(x), batch_idx, thorough, rank, world_size):
+            threshold = start[points.to(start.device)]
+            for _ in range(REFINEMENTS if thorough else 0):
+                routing = model(x, mode="hard", threshold=threshold)[2]
+                threshold = budget.batch_thresholds(routing.halt_logits, valid, points)
+            logits, _, routing = model(x, mode="hard", threshold=threshold)
+            budget.observe(routing.halt_logits, valid, points)
+            if not set(points.tolist()) & set(budget.grid_index):
+                continue  # a budget between the grid's: calibrated, not scored
+            losses = F.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view_as(y)
+            points = points.to(x.device)
+            for g, k in enumerate(budget.grid_index):
+                rows = points == k
+                if valid[rows].any():
+                    self.bits[g].update(losses[rows][valid[rows]].mean(), y[rows])
+                    self.compute[g].update(
+                        Routing(routing.halt_probs[rows], routing.executed[rows]), valid[rows]
+                    )
+
+    def logged(self, gated: list[int]) -> dict[str, Tensor | float]:
+        """Each budget's bpc, FLOPs saved and routed share executed, under the names of `names.at_budget`;
+        the metrics start again."""
+        values = {}
+        for budget, bits, compute in zip(self.budgets, self.bits, self.compute, strict=True):
+            if not compute.tokens:  # a split too small to reach this budget's rows
+                continue
+            report = compute.compute()
+            shares = [report.executed_per_layer[b] for b in gated]
+            values[names.at_budget(budget, "bpc")] = bits.compute()
+            values[names.at_budget(budget, "flops_saved")] = report.flops_saved
+            values[names.at_budget(budget, "routed_executed")] = sum(shares) / len(shares)
+            bits.reset()
+            compute.reset()
+        return values
