@@ -251,10 +251,6 @@ def is_elastic(suite: Suite, variant: str) -> bool:
     return bool(variant_config(suite, variant)["model"].get("elastic_budgets"))
 
 
-def version(path: Path) -> int:
-    return int(path.parent.name.removeprefix("version_"))
-
-
 def test_point(path: Path) -> dict:
     """The last row of a `test` run's CSV log, under the names of a sweep's points."""
     row = list(csv.DictReader(path.read_text().splitlines()))[-1]
@@ -271,14 +267,22 @@ def test_point(path: Path) -> dict:
 
 
 def training(run: Path) -> tuple[float | None, int | None]:
-    """A fit's wall clock, from its first config.yaml (written as it starts) to its final last.ckpt,
-    and the steps that config asked for (None, None: no fit there)."""
-    configs = sorted(run.glob("version_*/config.yaml"), key=version)
+    """A fit's wall clock and the steps its config asked for (None, None: no fit there).
+
+    Each process of the fit (the first, then every resume) writes its config as it starts and its
+    own TensorBoard events file until it stops: the fit's time is the sum of those spans, up to the
+    final last.ckpt, so the hours between a stop and its resume are not counted."""
+    configs = sorted(run.glob("version_*/config*.yaml"), key=os.path.getmtime)
+    events = sorted(run.glob("version_*/events.out.tfevents.*"), key=os.path.getmtime)
     end = run / "checkpoints" / "last.ckpt"
     if not configs or not end.is_file():
         return None, None
     steps = yaml.safe_load(configs[-1].read_text())["trainer"]["max_steps"]
-    return end.stat().st_mtime - configs[0].stat().st_mtime, steps
+    if len(events) != len(configs):  # not one events file per process: the whole span
+        return end.stat().st_mtime - configs[0].stat().st_mtime, steps
+    ends = [os.path.getmtime(e) for e in events]
+    ends[-1] = max(ends[-1], os.path.getmtime(end))
+    return sum(stop - os.path.getmtime(c) for c, stop in zip(configs, ends, strict=True)), steps
 
 
 def full_depth_fractions(suite: Suite, variant: str) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -218,3 +219,25 @@ def test_a_config_that_loads_a_shape_keeps_every_value_it_does_not_set(config):
             assert resolved[key] == value, f"{config.name} loses {key}={value!r} of {shape_file}"
     for key, value in own.items():
         assert resolved[key] == value, f"{config.name}: {key} resolves to {resolved[key]!r}, not {value!r}"
+
+
+def test_a_resumed_fit_is_timed_without_the_hours_between_its_stop_and_its_resume(tmp_path):
+    """Each process spans its config's writing to its events file's last write; the pause between counts
+    nothing, and the final last.ckpt ends the last span."""
+    from suite import training
+
+    version = tmp_path / "version_0"
+    version.mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    config = yaml.safe_dump({"trainer": {"max_steps": 30}})
+    stamps = {  # file: when it was last written, in seconds
+        "version_0/config.yaml": 1000,
+        "version_0/events.out.tfevents.1": 1100,  # the first process stopped at 1100
+        "version_0/config.resume1.yaml": 9000,  # resumed hours later
+        "version_0/events.out.tfevents.2": 9040,
+        "checkpoints/last.ckpt": 9050,
+    }
+    for name, stamp in stamps.items():
+        (tmp_path / name).write_text(config)
+        os.utime(tmp_path / name, (stamp, stamp))
+    assert training(tmp_path) == (100 + 50, 30)

@@ -30,11 +30,11 @@ class Shares(L.Callback):
 
 
 def train_with_budget(
-    corpus, budget: float, steps: int = 240, validate: bool = False
+    corpus, budget: float, steps: int = 240, validate: bool = False, gate: str = "straight_through"
 ) -> tuple[TSALanguageModel, Shares]:
     L.seed_everything(0, verbose=False)
     data = TextDataModule(str(corpus), block_size=32, batch_size=8)
-    config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate="straight_through", **SHAPE)
+    config = TSAConfig(vocab_size=data.vocab_size, routing="tsa", gate=gate, **SHAPE)
     module = TSALanguageModel(config, compute_budget=budget, learning_rate=3e-3, warmup_steps=10)
     shares = Shares()
     trainer = quiet_trainer(
@@ -113,20 +113,48 @@ def test_a_short_last_batch_weighs_no_more_than_its_size():
     assert metric.compute() == 0.0  # all 10 kept beside 80 sampled zeros would make it 1
 
 
-def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus):
-    """Without dropout p sits elsewhere than in training: the validation split sets the threshold."""
-    module, _ = train_with_budget(corpus, 0.6, steps=120, validate=True)
+@pytest.mark.parametrize("gate, tolerance", [("straight_through", 0.03), ("unit", 0.01)])
+def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus, gate, tolerance):
+    """Without dropout p sits elsewhere than in training: the last validation sets the threshold. Under
+    the unit gate a skipped block moves later routers' logits most: the threshold must settle."""
+    module, _ = train_with_budget(corpus, 0.6, steps=120, validate=True, gate=gate)
     calibrated = module.budget.table[0]
     assert module.skip_threshold == calibrated
     data = TextDataModule(str(corpus), block_size=32, batch_size=8)
     data.setup("validate")
     model = module.model.eval()
     with torch.no_grad():
-        shares = [
-            model(x, mode="hard", threshold=calibrated)[2].executed[..., 1:].float().mean()
-            for x, _ in data.val_dataloader()
+        executed = [
+            model(x, mode="hard", threshold=calibrated)[2].executed[..., 1:] for x, _ in data.val_dataloader()
         ]
-    assert abs(float(torch.stack(shares).mean()) - 0.6) < 0.03
+    assert abs(float(torch.cat(executed).float().mean()) - 0.6) < tolerance
+
+
+@pytest.mark.parametrize("router_slope", [0.0, 0.01])
+def test_a_budget_lands_on_routers_whose_hidden_units_are_all_off(corpus, router_slope):
+    """ReLU routers whose units are all off give every token the output bias as its logit: no threshold
+    splits them and the budget is missed (as a fixed unit-gate budget's routers learned to do). A
+    router slope gives each token its own logit, and the calibrated threshold lands."""
+    data = TextDataModule(str(corpus), block_size=32, batch_size=8)
+    config = TSAConfig(
+        vocab_size=data.vocab_size, routing="tsa", gate="unit", router_slope=router_slope, **SHAPE
+    )
+    module = TSALanguageModel(config, compute_budget=0.7)
+    with torch.no_grad():
+        for router in module.model.routers:
+            router.hidden.bias.fill_(-1.0)  # far below what the small initial states add
+    quiet_trainer().validate(module, data, verbose=False)
+    data.setup("validate")
+    with torch.no_grad():
+        threshold = module.skip_threshold
+        routings = [module.model(x, mode="hard", threshold=threshold)[2] for x, _ in data.val_dataloader()]
+    share = float(torch.cat([r.executed[..., 1:] for r in routings]).float().mean())
+    logits = torch.cat([r.halt_logits for r in routings])
+    tied = float((logits == logits.flatten().mode().values).float().mean())
+    if router_slope:
+        assert abs(share - 0.7) < 0.01 and tied < 0.01
+    else:
+        assert tied > 0.9 and abs(share - 0.7) > 0.25
 
 
 def calibrate_at(budget: Budgets, quantile: float) -> float:
@@ -136,16 +164,16 @@ def calibrate_at(budget: Budgets, quantile: float) -> float:
     return budget.calibrate()[0]
 
 
-def test_validating_again_without_training_refines_the_threshold_half_way():
+def test_a_validation_calibrates_afresh_and_training_moves_the_threshold_on():
     module = TSALanguageModel(ROUTED, compute_budget=0.7)
     assert probability(module.skip_threshold) == 0.5  # nothing calibrated yet: training's threshold
     assert calibrate_at(module.budget, 0.1) == pytest.approx(0.1)
     assert probability(module.skip_threshold) == pytest.approx(0.1)
-    assert calibrate_at(module.budget, 0.9) == pytest.approx(0.5)  # logit(0.1) = -logit(0.9)
+    assert calibrate_at(module.budget, 0.9) == pytest.approx(0.9)  # the last validation's quantile
     module.budget.running.fill_(torch.logit(torch.tensor(0.3)).item())  # training moved on: evaluation
     assert probability(module.skip_threshold) == pytest.approx(0.3)  # follows it until validation
-    assert calibrate_at(module.budget, 0.9) == pytest.approx(0.9)  # and a validation starts afresh
-    assert probability(module.skip_threshold) == pytest.approx(0.9)
+    assert calibrate_at(module.budget, 0.2) == pytest.approx(0.2)
+    assert probability(module.skip_threshold) == pytest.approx(0.2)
 
 
 def test_the_learned_threshold_travels_with_the_checkpoint(corpus, tmp_path):

@@ -57,8 +57,10 @@ def ref_layer_norm(x, norm):
 
 
 def ref_router_logit(h, router):
-    """(R) before the sigmoid: W2 · ReLU(W1 · h + b1) + b2, read from the raw state h (no LayerNorm)."""
-    return ref_linear(torch.relu(ref_linear(h, router.hidden)), router.out).squeeze(-1)
+    """(R) before the sigmoid: W2 · ReLU(W1 · h + b1) + b2, read from the raw state h (no LayerNorm);
+    with a router slope s, ReLU(z) becomes z where z > 0, else s z."""
+    z = ref_linear(h, router.hidden)
+    return ref_linear(torch.where(z > 0, z, router.slope * z), router.out).squeeze(-1)
 
 
 def ref_router(h, router):
@@ -258,14 +260,16 @@ def exact_tie_router(router):
 # ---------------------------------------------------------------- TSA: router, soft, hard, straight-through
 
 
-def test_router_is_the_published_mlp_on_the_raw_state():
-    model = make()
+@pytest.mark.parametrize("router_slope", [0.0, 0.05])
+def test_router_is_the_published_mlp_on_the_raw_state(router_slope):
+    model = make(router_slope=router_slope)
     idx = tokens()
     _, _, routing = model(idx, mode="soft")
     _, _, halts = ref_forward(model, idx, tsa_rule(model))
     torch.testing.assert_close(routing.halt_probs, halts, **TOL)
     router = model.routers[0]
     assert router.hidden.out_features == max(16, SHAPE["n_embd"] // 4) and router.out.out_features == 1
+    assert router.slope == router_slope  # what the reference reads
 
 
 @pytest.mark.parametrize("routing", ["none", "tsa"])

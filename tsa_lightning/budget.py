@@ -271,18 +271,13 @@ class Budgets(nn.Module):
     def calibrate(self) -> list[float]:
         """Each table budget's threshold: the quantile of the scores its own pass saw; a budget that
         had no pass (while training, only the grid's run) is interpolated between the grid's. Returns
-        the grid's thresholds, as probabilities. A single budget's second and third validation of a
-        finished model step half-way from the last threshold to the new quantile (a moved threshold
-        changes the scores later routers see), which settles where the share is the budget; an
-        elastic model's thorough calibration settles it batch by batch (`batch_thresholds`)."""
-        refine = self.calibrated_now and len(self.budgets) == 1
+        the grid's thresholds, as probabilities."""
         table = self.table.tolist()
         for k, (b, quantile) in enumerate(zip(self.table_budgets, self.quantiles, strict=True)):
             if b >= 1.0:
                 table[k] = math.inf
             elif not quantile.empty:
-                new = float(quantile.at(b))
-                table[k] = table[k] + 0.5 * (new - table[k]) if refine and math.isfinite(table[k]) else new
+                table[k] = float(quantile.at(b))
             elif k in self.grid_index:
                 table[k] = float(self.running[self.grid_index.index(k)])
         grid = torch.tensor([table[k] for k in self.grid_index])

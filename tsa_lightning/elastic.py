@@ -29,7 +29,8 @@ def full_depth_kl(model: TSATransformer, x: Tensor, logits: Tensor, threshold: T
 
 
 class GridScores(nn.Module):
-    """Each grid budget's bpc and compute over a validation split, summed over batches and ranks."""
+    """Each grid budget's bpc and compute over a validation split, summed over batches and ranks; it
+    calibrates one budget alike, and scores nothing for it."""
 
     def __init__(self, config: TSAConfig, budgets: list[float]) -> None:
         super().__init__()
@@ -61,8 +62,8 @@ class GridScores(nn.Module):
                 threshold = budget.batch_thresholds(routing.halt_logits, valid, points)
             logits, _, routing = model(x, mode="hard", threshold=threshold)
             budget.observe(routing.halt_logits, valid, points)
-            if not set(points.tolist()) & set(budget.grid_index):
-                continue  # a budget between the grid's: calibrated, not scored
+            if not self.budgets or not set(points.tolist()) & set(budget.grid_index):
+                continue  # one budget (scored by the pass at its threshold), or one between the grid's
             losses = F.cross_entropy(
                 logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
             ).view_as(y)

@@ -56,6 +56,10 @@ class TSAConfig:
     routing: Literal["none", "tsa", "early_exit", "mod"] = shape("tsa")  # "none" is the dense twin
     router_hidden: int | None = shape(None)  # default max(16, n_embd // 4), as published
     router_bias_init: float = -1.0  # sigmoid(-1) ~ 0.27: every token starts mostly kept
+    # negative slope of the router's hidden activation (0: the published ReLU). Where every hidden
+    # unit is off, ReLU gives a token exactly the output bias as its logit: a compute budget's
+    # threshold can then sit on a mass of tied tokens and miss its budget; a slope splits them
+    router_slope: float = 0.0
     skip_threshold: float = 0.5  # hard mode skips a block when p > skip_threshold
     gate: Literal["soft", "straight_through", "unit"] = "soft"  # how the router's p gates a block (see route)
     mod_capacity: float = 0.125  # Mixture-of-Depths baseline: share of each sequence a routed block runs
@@ -86,6 +90,8 @@ class TSAConfig:
             raise ConfigError(f"TSAConfig.n_layer must be at least 2 when routing blocks, got {self.n_layer}")
         if not 0.0 < self.mod_capacity <= 1.0:
             raise ConfigError(f"TSAConfig.mod_capacity must be in (0, 1], got {self.mod_capacity!r}")
+        if not 0.0 <= self.router_slope < 1.0:
+            raise ConfigError(f"TSAConfig.router_slope must be in [0, 1), got {self.router_slope!r}")
         if not math.isfinite(self.router_bias_init):
             raise ConfigError(f"TSAConfig.router_bias_init must be finite, got {self.router_bias_init!r}")
 
@@ -290,19 +296,21 @@ def scale_update(update: Tensor, scale: Tensor | None) -> Tensor:
 
 
 class Router(nn.Module):
-    """p = sigmoid(W2 ReLU(W1 h + b1) + b2): the probability that a token halts before the next block."""
+    """p = sigmoid(W2 ReLU(W1 h + b1) + b2): the probability that a token halts before the next block
+    (with `router_slope`, a leaky ReLU)."""
 
     def __init__(self, config: TSAConfig) -> None:
         super().__init__()
         self.hidden = nn.Linear(config.n_embd, config.router_hidden)
         self.out = nn.Linear(config.router_hidden, 1)
+        self.slope = config.router_slope
 
     def forward(self, h: Tensor) -> Tensor:
         return torch.sigmoid(self.logit(h))
 
     def logit(self, h: Tensor) -> Tensor:
         """The log-odds of p, in float32 at least."""
-        logit = self.out(F.relu(self.hidden(h))).squeeze(-1)
+        logit = self.out(F.leaky_relu(self.hidden(h), self.slope)).squeeze(-1)
         return logit.to(p_dtype(logit.dtype))
 
 

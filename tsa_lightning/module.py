@@ -252,21 +252,23 @@ class TSALanguageModel(L.LightningModule):
                 self.log(name, metric, prog_bar=name.endswith("/bpc"))
         routings.setdefault("hard", routings.get("soft"))
         valid = y != IGNORE_INDEX
-        if stage == "val" and self.elastic_range:
-            self._score_grid(batch, batch_idx)
-        elif stage == "val" and self.budget is not None:
-            self.budget.observe(routings["hard"].halt_logits, valid)
+        if stage == "val" and self.budget is not None:
+            thorough = self.trainer.state.fn != "fit" or self.global_step >= self.trainer.max_steps
+            if thorough or self.elastic_range:
+                self._calibrate(batch, batch_idx, thorough)
+            else:  # one budget while training: the pass above, at training's threshold
+                self.budget.observe(routings["hard"].halt_logits, valid)
         # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
         soft = routings.get("soft", routings["hard"])
         self.eval_compute[stage].update(Routing(soft.halt_probs, routings["hard"].executed), valid)
         return routings
 
-    def _score_grid(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """An elastic model's grid, scored in hard mode (which also calibrates it). While training: one
-        pass whose rows run the grid's budgets in turn. The last validation of a fit and `validate`
-        calibrate thoroughly: every table budget (every 0.01) on THOROUGH_BATCHES batches spread over
-        the split, so any budget evaluation and sampling ask for lands on the whole split."""
-        thorough = self.trainer.state.fn != "fit" or self.global_step >= self.trainer.max_steps
+    def _calibrate(self, batch: tuple[Tensor, Tensor], batch_idx: int, thorough: bool) -> None:
+        """Budgets calibrated (and an elastic grid scored) in hard mode. While training, an elastic
+        model runs one pass whose rows take the grid's budgets in turn. The last validation of a fit
+        and `validate` calibrate thoroughly: every table budget (every 0.01) on THOROUGH_BATCHES
+        batches spread over the split, each batch's thresholds first refined on it, so that any
+        budget evaluation and sampling ask for lands on the whole split."""
         if thorough:  # every THOROUGH_BATCHES-th part of the split: 71 budgets' passes cost many
             batches = self.trainer.num_val_batches[0]
             stride = math.ceil(batches / THOROUGH_BATCHES) if math.isfinite(batches) else 1
