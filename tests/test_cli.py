@@ -104,10 +104,27 @@ def test_fit_says_where_everything_goes_and_ends_with_a_summary(trained_run):
     assert "💡" not in printed and "weights_only" not in printed  # Lightning's notes, silenced
 
 
-def test_fit_help_describes_the_model_options():
+OWN_OPTIONS = (
+    "--model.",
+    "--data.",
+    "--dashboard.",
+    "--halting_histograms.",
+    "--depth_map.",
+    "--budget_curve.",
+)
+OWN_OPTIONS += ("--prediction_writer.", "--hard_sample.", "--last_checkpoint.")
+
+
+def test_fit_help_describes_every_option_of_the_package():
     result = cli("fit", "--help", cwd=REPO)
     described = " ".join(result.stdout.split())
     assert "--model.compute_budget COMPUTE_BUDGET share of the routed token-blocks" in described
+    assert "--model.config.gate {soft,straight_through,unit} how p gates a block in training" in described
+    entries = re.split(r"\n  (?=--)", result.stdout)  # one per option, its description under it
+    own = [e for e in entries if e.startswith(OWN_OPTIONS) and "CONFIG  " not in e and "(type:" in e]
+    assert len(own) > 30 and any(e.startswith("--model.config.gate") for e in own)
+    bare = [e.split()[0] for e in own if not " ".join(e.split("(type:")[0].split()[2:]).strip()]
+    assert not bare, bare
 
 
 def run_events(run: Path) -> EventAccumulator:

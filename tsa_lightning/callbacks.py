@@ -177,6 +177,10 @@ class HaltingHistograms(L.Callback):
 
     Tagged `halting/<stage>/block_<l>` by the block l the router gates (it reads the state after block l - 1).
     Counts go into fixed bins so that ranks can be summed with one all-reduce of equal shapes.
+
+    Args:
+        every_n_steps: training steps between two histograms of the training batch.
+        bins: bins over [0, 1] of each histogram.
     """
 
     def __init__(self, every_n_steps: int = 100, bins: int = 50) -> None:
@@ -273,6 +277,10 @@ class DepthMap(L.Callback):
 
     Sized to be read whole in TensorBoard's default image card (about 500 px wide); each glyph is
     black or white by the brightness of its cell, so the shallow, dark cells stay legible.
+
+    Args:
+        n_chars: characters of the snippet.
+        columns: characters per line of the image.
     """
 
     def __init__(self, n_chars: int = 256, columns: int = 32) -> None:
@@ -349,6 +357,11 @@ class HardSample(L.Callback):
     the blocks of each character are those of a hard forward over the whole sample, which the
     cached decoder reproduces (tests/test_inference.py). Greedy decoding draws no random numbers,
     so the sample leaves training unchanged.
+
+    Args:
+        prompt_chars: characters of the prompt.
+        new_chars: characters to generate.
+        columns: characters per line of the image.
     """
 
     DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"  # one character per count, up to 35 blocks
@@ -394,7 +407,11 @@ class HardSample(L.Callback):
 
 class PredictionWriter(BasePredictionWriter):
     """`predict`'s output as JSON lines in the run folder: per window, its text, the greedy next
-    character at every position, and how many blocks each token ran in hard mode."""
+    character at every position, and how many blocks each token ran in hard mode.
+
+    Args:
+        filename: the file's name, in the run's log folder; an existing one is never overwritten.
+    """
 
     def __init__(self, filename: str = "predictions.jsonl") -> None:
         super().__init__(write_interval="batch")

@@ -43,6 +43,31 @@ class TSAConfig:
 
     The one definition of the architecture: the CLI's `model.config` options, the checkpoint's
     hyperparameters and the checkpoint compatibility check (the `shape` fields) all come from here.
+
+    Attributes:
+        vocab_size: tokens in the vocabulary (set from the data).
+        block_size: the longest context, in tokens (set from the data).
+        n_layer: transformer blocks; block 0 always runs, a router gates each later one.
+        n_head: attention heads per block.
+        n_embd: width of the residual stream.
+        ffn_hidden: width of each block's MLP (None: 4 * n_embd).
+        dropout: dropout after the embeddings and on each block's updates, in training.
+        bias: biases in the linear layers and LayerNorms.
+        routing: "tsa" (a router per block, the method), "none" (the dense twin), "early_exit" or
+            "mod" (Mixture-of-Depths), the baselines on the same trunk.
+        router_hidden: hidden width of each router's MLP (None: max(16, n_embd // 4), as published).
+        router_bias_init: the routers' output bias at initialisation; -1 gives p ~ 0.27, so every
+            token starts mostly kept.
+        router_slope: negative slope of the router's hidden activation (0: the published ReLU). A
+            ReLU router whose units are all off gives a token exactly its output bias as the logit;
+            a budget's threshold cannot split tokens that tie, and a slope gives each its own.
+        skip_threshold: hard mode skips a block when the router's p > skip_threshold (a compute
+            budget sets its own).
+        gate: how p gates a block in training: "soft" scales the update by 1 - p (as published);
+            "straight_through" applies hard mode's decision with soft mode's gradient; "unit" runs
+            a kept token at full strength, so that a threshold of +inf is the dense network.
+        mod_capacity: Mixture-of-Depths: the share of each sequence a routed block runs.
+        mod_every: Mixture-of-Depths: route every mod_every-th block.
     """
 
     vocab_size: int = shape(65)
@@ -50,20 +75,17 @@ class TSAConfig:
     n_layer: int = shape(6)
     n_head: int = shape(8)
     n_embd: int = shape(256)
-    ffn_hidden: int | None = shape(None)  # default 4 * n_embd
+    ffn_hidden: int | None = shape(None)
     dropout: float = 0.0
     bias: bool = shape(True)
-    routing: Literal["none", "tsa", "early_exit", "mod"] = shape("tsa")  # "none" is the dense twin
-    router_hidden: int | None = shape(None)  # default max(16, n_embd // 4), as published
-    router_bias_init: float = -1.0  # sigmoid(-1) ~ 0.27: every token starts mostly kept
-    # negative slope of the router's hidden activation (0: the published ReLU). Where every hidden
-    # unit is off, ReLU gives a token exactly the output bias as its logit: a compute budget's
-    # threshold can then sit on a mass of tied tokens and miss its budget; a slope splits them
+    routing: Literal["none", "tsa", "early_exit", "mod"] = shape("tsa")
+    router_hidden: int | None = shape(None)
+    router_bias_init: float = -1.0
     router_slope: float = 0.0
-    skip_threshold: float = 0.5  # hard mode skips a block when p > skip_threshold
-    gate: Literal["soft", "straight_through", "unit"] = "soft"  # how the router's p gates a block (see route)
-    mod_capacity: float = 0.125  # Mixture-of-Depths baseline: share of each sequence a routed block runs
-    mod_every: int = shape(2)  # Mixture-of-Depths baseline: route every mod_every-th block
+    skip_threshold: float = 0.5
+    gate: Literal["soft", "straight_through", "unit"] = "soft"
+    mod_capacity: float = 0.125
+    mod_every: int = shape(2)
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
