@@ -1,6 +1,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -49,10 +50,11 @@ def test_evaluate_writes_every_field_and_is_monotone(tmp_path, small_corpus, rou
     data = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=8)
     out = tmp_path / "eval"
     result = evaluate(ckpt, data, split="val", out_dir=str(out), limit_batches=3)
+    name = f"{routing}_step4_val"  # the run (here the checkpoint's stem), its step and the split
     for suffix in ("json", "md", "png"):
-        assert (out / f"{routing}.{suffix}").stat().st_size > 0
-    assert list((out / "tensorboard" / routing).glob("events.out.tfevents.*"))
-    saved = json.loads((out / f"{routing}.json").read_text())
+        assert (out / f"{name}.{suffix}").stat().st_size > 0
+    assert list((out / "tensorboard" / name).glob("events.out.tfevents.*"))
+    saved = json.loads((out / f"{name}.json").read_text())
     assert saved["routing"] == routing
     if routing == "mod":  # its soft forward sees future tokens: never scored
         assert saved["soft_bpc"] is None
@@ -70,7 +72,8 @@ def test_evaluate_writes_every_field_and_is_monotone(tmp_path, small_corpus, rou
     assert result["points"] == points
     assert saved["step"] == 4 and saved["unit"] == "character"
     assert saved["trained_threshold"] == (None if routing == "none" else 0.5)  # marked in the table
-    assert ("| 0.5 (trained) |" in (out / f"{routing}.md").read_text()) == (routing != "none")
+    assert ("| 0.5 (trained) |" in (out / f"{name}.md").read_text()) == (routing != "none")
+    assert saved["checkpoint"] == str(Path(ckpt).resolve()) and saved["run"] == routing
     with pytest.raises(RunError, match="exists"):  # never overwrite an earlier evaluation
         evaluate(ckpt, data, split="val", out_dir=str(out), limit_batches=3)
 
@@ -85,13 +88,13 @@ def test_an_interrupted_write_leaves_no_partial_set(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluation, "plot_curves", interrupted)  # after the JSON and markdown exist
+    monkeypatch.setattr(evaluation, "curve_figure", interrupted)  # after the JSON and markdown exist
     with pytest.raises(KeyboardInterrupt):
         evaluation.write_outputs(result, tmp_path / "eval", "run")
     assert not [p for p in evaluation.output_paths(tmp_path / "eval", "run") if p.exists()]
 
 
-def test_evaluate_draws_a_dense_reference_beside_the_curve(tmp_path, small_corpus):
+def test_evaluate_draws_a_dense_reference_beside_the_curve_and_says_each_gap_to_it(tmp_path, small_corpus):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     ckpt, dense = (
@@ -99,14 +102,42 @@ def test_evaluate_draws_a_dense_reference_beside_the_curve(tmp_path, small_corpu
         tiny_run(tmp_path / "b", small_corpus, "none"),
     )
     data = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=8)
-    result = evaluate(
-        ckpt, data, out_dir=str(tmp_path / "eval"), thresholds=[0.5], limit_batches=2, reference=dense
-    )
-    alone = evaluate(dense, data, out_dir=str(tmp_path / "eval"), thresholds=[0.5], limit_batches=2)
-    assert result["reference"] == {"name": "none", "bpc": alone["points"][0]["bpc"], "flops_share": 1.0}
+    out = tmp_path / "eval"
+    result = evaluate(ckpt, data, out_dir=str(out), thresholds=[0.5], limit_batches=2, reference=dense)
+    alone = evaluate(dense, data, out_dir=str(out), thresholds=[0.5], limit_batches=2)
+    bpc = alone["points"][0]["bpc"]
+    assert result["reference"] == {
+        "name": "none",
+        "checkpoint": str(Path(dense).resolve()),
+        "step": 4,
+        "bpc": bpc,
+        "flops_share": 1.0,
+    }
+    table = (out / "tsa_step4_test.md").read_text()
+    assert f"reference (dense) `{Path(dense).resolve()}` (run none, step 4): bpc {bpc:.4f}" in table
+    point = result["points"][0]
+    assert f"| {point['bpc']:.4f} | {point['bpc'] / bpc - 1:+.2%} |" in table  # the gap, in percent
+    assert "vs reference" not in (out / "none_step4_test.md").read_text()
 
 
-@torch.no_grad()
+def test_evaluations_of_two_runs_into_one_folder_both_succeed_and_name_their_runs(tmp_path, small_corpus):
+    """`fit` names every checkpoint last.ckpt: the run folder names the evaluation, not the file."""
+    data = TextDataModule(str(small_corpus), level="char", block_size=16, batch_size=8)
+    out = tmp_path / "eval"
+    for run in ("first", "second"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        ckpt = Path(tiny_run(tmp_path / run, small_corpus, "tsa")).rename(
+            tmp_path / run / "checkpoints" / "last.ckpt"
+        )
+        evaluate(str(ckpt), data, out_dir=str(out), thresholds=[0.5], limit_batches=2)
+        table = (out / f"{run}_step4_test.md").read_text()
+        assert table.startswith(f"`{ckpt.resolve()}` (run {run}, step 4), test split:")
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == [
+        "first_step4_test",
+        "second_step4_test",
+    ]
+
+
 def plain_loop(model, loader, mode: str, threshold: float | None = None) -> dict:
     """The scoring loop `evaluate` ran outside Lightning before: the numbers the sweep must reproduce."""
     model.eval()
@@ -155,8 +186,8 @@ def test_evaluate_checks_its_arguments_and_outputs_before_any_work(tmp_path, sma
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             evaluate(ckpt, data, out_dir=str(tmp_path / "eval"), **kwargs)
-    (tmp_path / "eval" / "tensorboard" / "tsa").mkdir(parents=True)
-    with pytest.raises(RunError, match="tensorboard/tsa exists"):
+    (tmp_path / "eval" / "tensorboard" / "tsa_step4_test").mkdir(parents=True)
+    with pytest.raises(RunError, match="tensorboard/tsa_step4_test exists"):
         evaluate(ckpt, data, out_dir=str(tmp_path / "eval"))
     other = TextDataModule(str(write_corpus(tmp_path / "other.txt", alphabet="xyz\n")), block_size=16)
     expected = (

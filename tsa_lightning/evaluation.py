@@ -30,7 +30,7 @@ from tsa_lightning.errors import ConfigError, RunError, check_range
 from tsa_lightning.inference import MAX_THRESHOLD
 from tsa_lightning.metrics import ComputeMetric
 from tsa_lightning.model import Mode, TSATransformer, skip_logit
-from tsa_lightning.runs import load_checkpoint
+from tsa_lightning.runs import load_checkpoint, run_of
 
 if TYPE_CHECKING:
     from tsa_lightning.module import TSALanguageModel
@@ -140,20 +140,37 @@ def sweep(
 
 
 def markdown_table(result: dict) -> str:
+    """The sweep in words: what was scored (checkpoint, run, step, split), the dense reference if
+    any, then one row per threshold; with a reference, each point's bpc gap to it."""
     soft = result["soft_bpc"]
+    scored = (
+        result.get("checkpoint") and f"`{result['checkpoint']}` (run {result['run']}, step {result['step']})"
+    )
     lines = [
-        (f"soft-mode bpc {soft:.4f}" if soft is not None else "soft mode not causal: not scored")
+        (f"{scored}, {result['split']} split: " if scored else "")
+        + (f"soft-mode bpc {soft:.4f}" if soft is not None else "soft mode not causal: not scored")
         + f" over {result['targets']} targets",
+    ]
+    ref = result.get("reference")
+    if ref:
+        lines.append(
+            f"reference (dense) `{ref['checkpoint']}` (run {ref['name']}, step {ref['step']}): bpc "
+            f"{ref['bpc']:.4f} at {ref['flops_share']:.1%} of the dense twin's FLOPs"
+        )
+    gap = " vs reference |" if ref else ""
+    lines += [
         "",
-        "| threshold | hard bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved (soft) |",
-        "|---|---|---|---|---|",
+        f"| threshold | hard bpc |{gap} executed TLOps saved | executed FLOPs saved | "
+        "paper TLOps saved (soft) |",
+        "|---|---|---|---|---|" + ("---|" if ref else ""),
     ]
     trained = result.get("trained_threshold")
     for p in result["points"]:
         mark = " (trained)" if trained is not None and p["threshold"] == trained else ""
         mark += f" (budget {p['budget']:g})" if "budget" in p else ""
+        versus = f" {p['bpc'] / ref['bpc'] - 1:+.2%} |" if ref else ""
         lines.append(
-            f"| {p['threshold']:.3g}{mark} | {p['bpc']:.4f} | {p['executed_tlops_saved']:.1%} | "
+            f"| {p['threshold']:.3g}{mark} | {p['bpc']:.4f} |{versus} {p['executed_tlops_saved']:.1%} | "
             f"{p['flops_saved']:.1%} | {p['paper_tlops_saved']:.1%} |"
         )
     return "\n".join(lines) + "\n"
@@ -173,24 +190,30 @@ def curve_figure(
     unit: str = "token",
     trained: dict[str, float] | None = None,
     references: dict[str, tuple[float, float]] | None = None,
-) -> None:
+) -> plt.Figure:
     """bpc against executed FLOPs (fraction of the dense twin's), one line per model; `ymax` cuts
     the far tails of threshold sweeps off so that the operating points stay readable.
 
     `trained`: a curve's trained threshold, marked with a star, and each point of a single curve is
-    labelled with its budget (an elastic model's) or its threshold. `references`: models drawn as
-    one point each (FLOPs share, bpc), e.g. the dense twin.
+    labelled with its budget (an elastic model's) or its threshold (t=...), but for points too close
+    to one already labelled. `references`: models drawn as one point each (FLOPs share, bpc), e.g.
+    the dense twin.
     """
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, points in curves.items():
         xs = [1 - p["flops_saved"] for p in points]
         ys = [p["bpc"] for p in points]
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        if len(curves) == 1:  # one sweep: each point says its threshold
+        if len(curves) == 1:  # one sweep: each point says its threshold, where labels do not overlap
+            span = (max(xs) - min(xs) or 1.0, max(ys) - min(ys) or 1.0)
+            labelled: list[tuple[float, float]] = []
             for p, x, y in zip(points, xs, ys, strict=True):
-                label = f"{p['threshold']:g}" if "threshold" in p else ""
+                if any(abs(x - a) / span[0] < 0.06 and abs(y - b) / span[1] < 0.04 for a, b in labelled):
+                    continue
+                label = f"t={p['threshold']:g}" if "threshold" in p else ""
                 label = f"budget {p['budget']:g}" if "budget" in p else label
                 ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                labelled.append((x, y))
         if trained and name in trained:
             at = min(points, key=lambda p: abs(p["threshold"] - trained[name]))
             ax.plot(
@@ -229,22 +252,33 @@ def write_outputs(result: dict, out_dir: Path, name: str) -> None:
     try:
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
         (out_dir / f"{name}.md").write_text(markdown_table(result))
-        plot_curves(
+        ref = result.get("reference")
+        figure = curve_figure(
             {name: result["points"]},
-            out_dir / f"{name}.png",
-            title=f"{name} at step {result['step']}" if "step" in result else name,
+            title=f"{result['run']} at step {result['step']} ({result['split']} split)"
+            if "run" in result
+            else name,
             unit=result.get("unit", "token"),
             trained={name: result["trained_threshold"]}
             if result.get("trained_threshold") is not None
             else None,
-            references={f"{ref['name']} (reference)": (ref["flops_share"], ref["bpc"])}
-            if (ref := result.get("reference"))
+            references={f"{ref['name']} (dense reference)": (ref["flops_share"], ref["bpc"])}
+            if ref
             else None,
         )
+        figure.savefig(out_dir / f"{name}.png", dpi=120)
         with SummaryWriter(str(out_dir / "tensorboard" / name)) as writer:
-            for i, p in enumerate(result["points"]):
-                for key in ("bpc", "executed_tlops_saved", "flops_saved", "threshold"):
-                    writer.add_scalar(f"sweep/{name}/{key}", p[key], global_step=i)
+            # TensorBoard's x axis is an integer step: thresholds and costs in thousandths
+            for p in result["points"]:
+                cost = round(1000 * (1 - p["flops_saved"]))
+                writer.add_scalar(f"sweep/{name}/bpc_by_flops_per_mille", p["bpc"], global_step=cost)
+                at = round(1000 * p["threshold"]) if p["threshold"] is not None else cost
+                writer.add_scalar(f"sweep/{name}/bpc_by_threshold_per_mille", p["bpc"], global_step=at)
+                writer.add_scalar(
+                    f"sweep/{name}/flops_by_threshold_per_mille", 1 - p["flops_saved"], global_step=at
+                )
+            writer.add_figure(f"sweep/{name}", figure)
+        plt.close(figure)
     except BaseException:  # Ctrl-C included
         for path in output_paths(out_dir, name):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -287,7 +321,8 @@ def evaluate(
         split: "val" or "test".
         thresholds: skip thresholds to sweep, each in [0, 1.01] (default 0, 0.05, ..., 1, 1.01).
         out_dir: folder for <name>.json, <name>.md, <name>.png and tensorboard/<name>/.
-        name: file stem for the outputs (default: the checkpoint's file stem).
+        name: file stem for the outputs (default: <run>_step<N>_<split>, the run being the folder
+            that holds the checkpoint's checkpoints/, else its file stem).
         limit_batches: score only the first batches (>= 1; quick looks; the full split by default).
         accelerator: Lightning accelerator for the sweep ("cpu", "gpu", "auto", ...).
         devices: Lightning devices for the sweep.
@@ -305,13 +340,13 @@ def evaluate(
         check_range("thresholds", threshold, 0, MAX_THRESHOLD)
     if data is None:
         raise ConfigError("--data is required, e.g. --data=ShakespeareDataModule --data.data_dir=...")
-    name = name or Path(str(ckpt_path)).stem
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise RunError(f"--out_dir {out_dir} is a file; give a folder for the sweep's outputs")
+    module = load_checkpoint(ckpt_path)
+    name = name or f"{run_of(ckpt_path)}_step{module.trained_steps}_{split}"
     for path in output_paths(Path(out_dir), name):
         if path.exists():
             raise RunError(f"{path} exists; choose another --out_dir or --name")
-    module = load_checkpoint(ckpt_path)
     same_vocabulary(module, data)
     dense = None if reference is None else load_checkpoint(reference)
     if dense is not None:
@@ -332,7 +367,10 @@ def evaluate(
     )
     result = sweep(module.model, data, thresholds, split, trainer)
     result |= {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "run": run_of(ckpt_path),
         "step": module.trained_steps,
+        "split": split,
         "unit": module.codec.unit,
         "trained_threshold": None if trained is None else shown_threshold(trained),
     }
@@ -344,7 +382,9 @@ def evaluate(
     if dense is not None:
         full = dense_twin_flops(module.config, 1, 1)
         result["reference"] = {
-            "name": Path(reference).stem,
+            "name": run_of(reference),
+            "checkpoint": str(Path(reference).resolve()),
+            "step": dense.trained_steps,
             "bpc": sweep(dense.model, data, [MAX_THRESHOLD], split, trainer)["points"][0]["bpc"],
             "flops_share": dense_twin_flops(dense.config, 1, 1) / full,
         }

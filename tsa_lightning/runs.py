@@ -315,3 +315,9 @@ def load_checkpoint(ckpt_path: str | None) -> TSALanguageModel:
 
     read_checkpoint(ckpt_path)  # one line for a missing, cut-short or foreign file
     return TSALanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu")
+
+
+def run_of(ckpt_path: str | Path) -> str:
+    """The run a checkpoint belongs to: the folder holding its `checkpoints/`, else its file's stem."""
+    path = Path(ckpt_path).resolve()
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
