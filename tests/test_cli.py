@@ -16,6 +16,7 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadat
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from tests.conftest import REPO, write_corpus
+from tsa_lightning import names
 from tsa_lightning.callbacks import HPARAM_LEAD, HPARAM_METRICS
 from tsa_lightning.cli import main
 from tsa_lightning.corpus import SHAKESPEARE_ALPHABET
@@ -100,6 +101,13 @@ def test_fit_says_where_everything_goes_and_ends_with_a_summary(trained_run):
     assert f"Checkpoints: {checkpoints}" in printed
     summary = printed[printed.index("Run finished at step 12.") :]
     assert "hard-mode bpc" in summary and "mean blocks per token" in summary
+    table = "| step | val bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved |"
+    assert f"  validations:\n    {table}\n    |---|---|---|---|---|\n    | 6 | " in summary
+    scalars = run_events(trained_run / "runs/cpu/version_0").Scalars(names.loss("val", "hard"))
+    bpc = [
+        line.split(" | ")[2] for line in summary.splitlines() if line.startswith(("    | 6 |", "    | 12 |"))
+    ]
+    assert bpc == [f"{e.value:.4f}" for e in scalars]  # each validation, as TensorBoard has it
     assert f"final state:     {checkpoints / 'last.ckpt'}" in summary
     assert "💡" not in printed and "weights_only" not in printed  # Lightning's notes, silenced
 

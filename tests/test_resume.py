@@ -233,6 +233,8 @@ def test_a_resume_continues_in_its_own_log_folder_and_keeps_both_configs(tmp_pat
     run = tmp_path / "runs" / "shakespeare_cpu"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]
     assert {"config.yaml", "config.resume1.yaml"} <= {p.name for p in (run / "version_0").iterdir()}
+    history = [line.split(" | ")[1] for line in result.stderr.splitlines() if line.startswith("    | ")]
+    assert history == ["step", "2", "4"]  # the summary's validations: the one before the stop, too
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ from tsa_lightning.runs import (
     resumes_own_run,
     where_logged,
 )
-from tsa_lightning.summary import end_of_run
+from tsa_lightning.summary import ValidationHistory, end_of_run
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -181,7 +181,7 @@ class TSALightningCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is None:
                 callback.dirpath = folder and os.path.realpath(folder)
-        trainer.callbacks.append(GracefulStop())
+        trainer.callbacks += [GracefulStop(), ValidationHistory()]
         defaults = (TQDMProgressBar, RichProgressBar)  # Lightning's own, counting batches per epoch
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) in defaults:

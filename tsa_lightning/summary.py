@@ -2,10 +2,51 @@
 
 from __future__ import annotations
 
+import lightning as L
 from lightning.pytorch import Trainer
 
 from tsa_lightning import names
 from tsa_lightning.runs import last_checkpoint, where_logged
+
+COLUMNS = {  # the validation history's columns: metric name -> heading
+    names.loss("val", "hard"): "val bpc",
+    names.of_split("val"): "executed TLOps saved",
+    names.of_split("val", "flops_saved"): "executed FLOPs saved",
+    names.of_split("val", "tlops_saved_paper"): "paper TLOps saved",
+}
+
+
+class ValidationHistory(L.Callback):
+    """What each validation of a fit found, at the step the checkpoint and `validate` name. Kept in
+    the checkpoint, so a resumed run's summary shows the validations before the stop as well."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = trainer.callback_metrics
+        row = {"step": trainer.global_step, **{k: float(metrics[k]) for k in COLUMNS if k in metrics}}
+        self.rows = [r for r in self.rows if r["step"] != row["step"]] + [row]  # a validation run again
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = state_dict["rows"]
+
+    def table(self) -> str:
+        """The history as a markdown table: step, bpc, and the work saved three ways."""
+        shown = [k for k in COLUMNS if any(k in row for row in self.rows)]
+        lines = [
+            "| step | " + " | ".join(COLUMNS[k] for k in shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
+        for row in self.rows:
+            cells = [f"{row[k]:.4f}" if k == names.loss("val", "hard") else f"{row[k]:.1%}" for k in shown]
+            lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
 
 def end_of_run(trainer: Trainer) -> str:
@@ -35,6 +76,9 @@ def end_of_run(trainer: Trainer) -> str:
     if budgets and None not in budgets.values():
         each = ", ".join(f"{b:.2f} {bpc:.4f}" for b, bpc in budgets.items())
         lines.append(f"  bpc by budget:   {each}")
+    history = next((c for c in trainer.callbacks if isinstance(c, ValidationHistory)), None)
+    if history is not None and history.rows:
+        lines += ["  validations:", *("    " + line for line in history.table().splitlines())]
     last = last_checkpoint(trainer)
     if last is not None and last.path.is_file():
         lines.append(f"  final state:     {last.path}")
