@@ -290,6 +290,22 @@ def test_validate_and_test_print_bpc_and_tlops(trained_run, subcommand, split):
     assert f"Logged to runs/cpu/{subcommand}_step12" in result.stderr
     assert [e.step for e in run_events(logged).Scalars(f"{split}/hard/bpc")] == [12]
     assert sorted((trained_run / "runs/cpu").glob("version_*")) == versions  # no new training version
+    assert sorted(p.name for p in logged.iterdir() if p.suffix == ".yaml") == ["config.yaml", "hparams.yaml"]
+
+
+def test_two_validations_of_one_checkpoint_never_share_a_log_folder(trained_run):
+    """Other budgets or precisions of one checkpoint are other runs: each its own TensorBoard run."""
+    command = ["validate", f"--config={trained_run / 'runs/cpu/version_0/config.yaml'}"]
+    command += ["--ckpt_path=runs/cpu/checkpoints/last.ckpt", "--trainer.limit_val_batches=1"]
+    before = {p.name for p in (trained_run / "runs/cpu").iterdir()}
+    for threshold in (0.3, 0.7):
+        result = cli(*command, f"--model.config.skip_threshold={threshold}", cwd=trained_run)
+        assert result.returncode == 0, result.stderr[-3000:]
+    new = sorted({p.name for p in (trained_run / "runs/cpu").iterdir()} - before)
+    assert len(new) == 2 and all(name.startswith("validate_step12") for name in new), new
+    for name in new:  # one validation each, and its own config: nothing resumed
+        assert len(run_events(trained_run / "runs/cpu" / name).Scalars("val/hard/bpc")) == 1
+        assert not list((trained_run / "runs/cpu" / name).glob("config.resume*.yaml"))
 
 
 def test_predict_reports_tokens_and_depths(trained_run):

@@ -51,6 +51,7 @@ from tsa_lightning.runs import (
     remove_partial_writes,
     resolve_last,
     resumes_own_run,
+    side_run_version,
     where_logged,
 )
 from tsa_lightning.summary import ValidationHistory, end_of_run
@@ -142,8 +143,9 @@ class TSALightningCLI(LightningCLI):
             self.config[subcommand].model[key] = value
 
     def before_instantiate_classes(self) -> None:
-        """A resumed run continues its own log version: TensorBoard shows one run, not two. `validate`,
-        `test` and `predict` of a checkpoint log beside the training runs as `<command>_step<N>`."""
+        """A resumed run continues its own log version: TensorBoard shows one run, not two. Each
+        `validate`, `test` and `predict` of a checkpoint logs beside the training runs in a folder of
+        its own, `<command>_step<N>` (then `_2`, ...)."""
         if self.saved is None:
             return
         config = self.config[self.subcommand]
@@ -151,7 +153,7 @@ class TSALightningCLI(LightningCLI):
         if args is None or "version" not in args or args.version is not None:
             return
         if self.subcommand != "fit":
-            args.version = f"{self.subcommand}_step{self.saved.get('global_step', 0)}"
+            args.version = side_run_version(args, self.subcommand, self.saved.get("global_step", 0))
         elif resumes_own_run(config):
             args.version = self.saved.get("log_version")
 

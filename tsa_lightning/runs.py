@@ -272,6 +272,16 @@ def logger_args(config) -> Namespace | None:
     return logger.init_args if logger and hasattr(logger, "init_args") else None
 
 
+def side_run_version(args: Namespace, subcommand: str, step: int) -> str:
+    """The log folder of a `validate`, `test` or `predict` of a checkpoint trained to `step`, beside
+    the training runs: `<command>_step<N>`, then `_2`, `_3`, ... so that no two share a folder."""
+    root = Path(args.save_dir or ".") / (args.name or "")
+    version, n = f"{subcommand}_step{step}", 1
+    while (root / (version if n == 1 else f"{version}_{n}")).exists():
+        n += 1
+    return version if n == 1 else f"{version}_{n}"
+
+
 def where_logged(trainer: L.Trainer) -> tuple[str, Path] | None:
     """The run's log folder and the folder to give `tensorboard --logdir` (not trainer.log_dir,
     which waits for every rank)."""
