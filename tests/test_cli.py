@@ -104,6 +104,7 @@ def test_fit_says_where_everything_goes_and_ends_with_a_summary(trained_run):
     table = "| step | val bpc | executed TLOps saved | executed FLOPs saved | paper TLOps saved |"
     assert f"  validations:\n    {table}\n    |---|---|---|---|---|\n    | 6 | " in summary
     scalars = run_events(trained_run / "runs/cpu/version_0").Scalars(names.loss("val", "hard"))
+    assert [e.step for e in scalars] == [6, 12]  # the steps of the summary, best-12.ckpt and `validate`
     bpc = [
         line.split(" | ")[2] for line in summary.splitlines() if line.startswith(("    | 6 |", "    | 12 |"))
     ]

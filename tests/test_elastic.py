@@ -387,7 +387,7 @@ def cli_run(tmp_path_factory) -> tuple[list[str], Path]:
 def test_tensorboard_shows_every_budget_while_it_trains(cli_run):
     events = EventAccumulator(str(cli_run[1] / "version_0"), size_guidance={"images": 0})
     events.Reload()
-    assert [e.step for e in events.Images("budgets/val")] == [1, 3]  # each validation, at its step
+    assert [e.step for e in events.Images("budgets/val")] == [2, 4]  # each validation, at its step
     proto = events.Tensors(custom_scalars_metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto
     layout = layout_pb2.Layout.FromString(proto.string_val[0])
     charts = {chart.title: chart for category in layout.category for chart in category.chart}

@@ -59,6 +59,42 @@ def test_a_broken_second_config_file_is_named(small_corpus, tmp_path):
     assert f"config file {config} is not valid YAML at line 3" in message
 
 
+def test_a_config_file_that_is_not_utf8_is_named(small_corpus, tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("model:\n  learning_rate: 0.001  # caf\xe9\n".encode("latin-1"))
+    message = cli_error(*fit_on(small_corpus, tmp_path, f"--config={config}"))
+    assert message == f"error: config file {config} is not UTF-8 text (byte 36 is 0xe9); save it as UTF-8"
+
+
+def test_a_negative_learning_rate_is_one_line(small_corpus, tmp_path):
+    message = cli_error(*fit_on(small_corpus, tmp_path, "--model.learning_rate=-0.001"))
+    assert message == "error: --model.learning_rate must be > 0, got -0.001"
+    assert not (tmp_path / "runs").exists()  # refused before the Trainer made a log folder
+
+
+def test_a_checkpoint_from_another_module_or_an_older_layout_is_named(tmp_path):
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"n_layer": 6}}, path)
+    message = cli_error("sample", f"--ckpt_path={path}")
+    assert "written by another LightningModule, or by a tsa-lightning version from before" in message
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exits_130(small_corpus, monkeypatch, capsys):
+    from tsa_lightning import evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "load_checkpoint", interrupted)
+    data = ["--data=tsa_lightning.data.TextDataModule", f"--data.path={small_corpus}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--ckpt_path=x.ckpt", *data])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+        "error: interrupted (Ctrl-C); an interrupted `fit` resumes with --ckpt_path last"
+    ]
+
+
 def test_a_refused_data_option_is_one_reason_not_a_type_dump(small_corpus, tmp_path):
     message = cli_error(*fit_on(small_corpus, tmp_path, "--data.init_args.batch_size=0"))
     assert message == "error: batch_size must be a positive integer, got 0"

@@ -44,6 +44,7 @@ from tsa_lightning.runs import (
     GracefulStop,
     LastCheckpoint,
     RunLock,
+    ValidationAtItsStep,
     checkpoint_folder,
     is_launching_process,
     logger_args,
@@ -183,7 +184,7 @@ class TSALightningCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is None:
                 callback.dirpath = folder and os.path.realpath(folder)
-        trainer.callbacks += [GracefulStop(), ValidationHistory()]
+        trainer.callbacks += [ValidationAtItsStep(), GracefulStop(), ValidationHistory()]
         defaults = (TQDMProgressBar, RichProgressBar)  # Lightning's own, counting batches per epoch
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) in defaults:
@@ -279,6 +280,9 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException as e:  # stopped by a signal, with a resumable checkpoint
         print(*getattr(e, "__notes__", []), file=sys.stderr)
         sys.exit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: nothing half-written stays
+        print("error: interrupted (Ctrl-C); an interrupted `fit` resumes with --ckpt_path last", file=sys.stderr)
+        sys.exit(130)
     except (ArgumentError, TSAError, OSError, ValueError) as e:
         if os.environ.get("TSA_TRACEBACK") or not is_usage_error(e):
             raise

@@ -57,7 +57,12 @@ def check_arguments(argv: list[str]) -> None:
             config = argv[i + 1]
         if config and Path(config).is_file():
             try:
-                yaml.safe_load(Path(config).read_text())
+                yaml.safe_load(Path(config).read_bytes().decode())
+            except UnicodeDecodeError as e:
+                raise RunError(
+                    f"config file {config} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                    "save it as UTF-8"
+                ) from None
             except yaml.YAMLError as e:
                 where = getattr(e, "problem_mark", None)
                 at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

@@ -18,7 +18,7 @@ from tsa_lightning.compatibility import check_checkpoint
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.elastic import GridScores, full_depth_kl
-from tsa_lightning.errors import ConfigError, TrainingDiverged
+from tsa_lightning.errors import ConfigError, TrainingDiverged, check_range
 from tsa_lightning.inference import check_sampling, generate_cached
 from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
 from tsa_lightning.model import MODES, Mode, Routing, TSAConfig, TSATransformer
@@ -89,6 +89,9 @@ class TSALanguageModel(L.LightningModule):
         # save_hyperparameters reads the argument by name: store plain types, loadable with weights_only
         config = asdict(self.config)
         self.save_hyperparameters()
+        check_optimisation(learning_rate, min_learning_rate, warmup_steps, weight_decay, betas)
+        check_range("model.depth_loss_weight", depth_loss_weight, 0)
+        check_range("model.distill_weight", distill_weight, 0)
         if alphabet is not None and len(alphabet) != self.config.vocab_size:
             raise ConfigError(
                 f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
@@ -402,3 +405,16 @@ class TSALanguageModel(L.LightningModule):
         threshold = self.threshold_at(budget) if threshold is None else threshold
         out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode, compile)
         return self.codec.decode(out[0][len(idx) :])
+
+
+def check_optimisation(
+    learning_rate: float, min_learning_rate: float, warmup_steps: int, weight_decay: float, betas: tuple
+) -> None:
+    """The optimiser's options, refused in one line each when AdamW or the schedule cannot use them."""
+    if not learning_rate > 0:
+        raise ConfigError(f"--model.learning_rate must be > 0, got {learning_rate}")
+    check_range("model.min_learning_rate", min_learning_rate, 0, learning_rate)
+    check_range("model.warmup_steps", warmup_steps, 0)
+    check_range("model.weight_decay", weight_decay, 0)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"--model.betas must be two numbers in [0, 1), got {list(betas)}")

@@ -227,12 +227,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a readable checkpoint (cut short, or not written by torch.save); "
             "use another checkpoint of the run, e.g. the best-*.ckpt beside it"
         ) from None
-    if (
-        not isinstance(checkpoint, dict)
-        or not {"state_dict", "hyper_parameters"} <= checkpoint.keys()
-        or "config" not in checkpoint["hyper_parameters"]
-    ):
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= checkpoint.keys():
         raise RunError(f"{path} is not a tsa-lightning checkpoint (it has no model hyperparameters)")
+    if "config" not in checkpoint["hyper_parameters"]:  # a Lightning checkpoint of another model
+        raise RunError(
+            f"{path} was written by another LightningModule, or by a tsa-lightning version from before "
+            "the network's options were grouped under model.config; train it again with this version"
+        )
     return checkpoint
 
 
@@ -250,6 +251,25 @@ def logged_step(trainer: L.Trainer) -> int:
 def log_at_step(trainer: L.Trainer, step: int) -> None:
     """Make Lightning log what follows at `step`."""
     trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+class ValidationAtItsStep(L.Callback):
+    """A fit's validation logs at the step its checkpoint, the summary and `validate` name (the
+    optimizer steps taken); Lightning logs it at the index of the batch before, one less. The step
+    goes back before the checkpoint callbacks save the loop's state, which Lightning counts on."""
+
+    def __init__(self) -> None:
+        self.restore: int | None = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.restore = logged_step(trainer)
+            log_at_step(trainer, trainer.global_step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.restore is not None:
+            log_at_step(trainer, self.restore)
+            self.restore = None
 
 
 def checkpoint_folder(config) -> Path | None:
