@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_model import make, spread_routers, tokens
+from tests.helpers import make, spread_routers, tokens
 from tsa_lightning import Routing, TSAConfig
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, report, summarize, tally
 from tsa_lightning.baselines import MixtureOfDepthsTransformer

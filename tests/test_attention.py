@@ -4,7 +4,7 @@ the full causal attention's rows; dropout on every path in training; the cache o
 import pytest
 import torch
 
-from tests.test_model import make, spread_routers
+from tests.helpers import make, spread_routers
 from tsa_lightning import TSAConfig, TSATransformer
 from tsa_lightning.model import Block, CausalSelfAttention, KVCache
 

@@ -2,18 +2,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.conftest import quiet_trainer
-from tests.test_model import TINY, tokens
+from tests.helpers import TINY_NET, make, quiet_trainer, spread_predictors, tokens
 from tsa_lightning import TSAConfig
 from tsa_lightning.accounting import forward_flops
-from tsa_lightning.baselines import EarlyExitTransformer, MixtureOfDepthsTransformer, build_model
+from tsa_lightning.baselines import EarlyExitTransformer, MixtureOfDepthsTransformer
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.module import TSALanguageModel
-
-
-def make(routing: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    return build_model(TSAConfig(**{**TINY, "routing": routing, **overrides})).eval()
 
 
 def test_build_model_picks_the_class():
@@ -33,15 +27,8 @@ def test_baselines_share_the_dense_trunk(routing):
 def test_shapes(routing, mode):
     idx = tokens(B=3, T=12)
     logits, loss, info = make(routing)(idx, idx, mode=mode)
-    assert logits.shape == (3, 12, TINY["vocab_size"]) and torch.isfinite(loss)
-    assert info.executed.shape == (3, 12, TINY["n_layer"])
-
-
-def spread_predictors(model: MixtureOfDepthsTransformer) -> None:
-    with torch.no_grad():
-        for predictor in model.predictors.values():
-            predictor.hidden.weight.normal_(0, 1.0)
-            predictor.out.weight.normal_(0, 1.0)
+    assert logits.shape == (3, 12, TINY_NET["vocab_size"]) and torch.isfinite(loss)
+    assert info.executed.shape == (3, 12, TINY_NET["n_layer"])
 
 
 def median_threshold(model, idx) -> float:
@@ -57,7 +44,7 @@ def test_hard_mode_is_causal(routing):
     idx = tokens(B=2)
     threshold = median_threshold(model, idx)
     changed = idx.clone()
-    changed[:, 10:] = (changed[:, 10:] + 1) % TINY["vocab_size"]
+    changed[:, 10:] = (changed[:, 10:] + 1) % TINY_NET["vocab_size"]
     a, _, ra = model(idx, mode="hard", threshold=threshold)
     b, _, rb = model(changed, mode="hard", threshold=threshold)
     torch.testing.assert_close(a[:, :10], b[:, :10])
@@ -100,7 +87,7 @@ def test_mod_capacity_is_honoured_exactly(capacity, every, T):
     model = make("mod", mod_capacity=capacity, mod_every=every)
     executed = model(tokens(B=4, T=T))[2].executed
     k = max(1, round(capacity * T))
-    for block in range(TINY["n_layer"]):
+    for block in range(TINY_NET["n_layer"]):
         per_sequence = executed[..., block].sum(dim=1)
         routed = block >= 1 and block % every == 0
         assert (per_sequence == (k if routed else T)).all(), block
@@ -150,11 +137,11 @@ def test_mod_predictor_learns_from_bce_and_does_not_steer_the_trunk():
 
 def test_routing_flops_and_overhead():
     ee, mod = make("early_exit"), make("mod", mod_every=1)
-    C, V, L = TINY["n_embd"], TINY["vocab_size"], TINY["n_layer"]
+    C, V, L = TINY_NET["n_embd"], TINY_NET["vocab_size"], TINY_NET["n_layer"]
     assert ee.routing_flops_per_token(ee.config) == (L - 1) * 2 * C * V
     assert ee.router_overhead() == 0.0 and mod.router_overhead() > 0.0
     executed = torch.ones(1, 4, L, dtype=torch.bool)
-    dense = forward_flops(TSAConfig(**{**TINY, "routing": "none"}), executed)
+    dense = forward_flops(TSAConfig(**{**TINY_NET, "routing": "none"}), executed)
     assert forward_flops(ee.config, executed) - dense == 4 * (L - 1) * 2 * C * V
 
 
@@ -163,7 +150,7 @@ def test_mod_reports_only_its_causal_hard_mode(small_corpus):
     model = make("mod", mod_every=1)
     idx = tokens(B=2)
     changed = idx.clone()
-    changed[:, 10:] = (changed[:, 10:] + 1) % TINY["vocab_size"]
+    changed[:, 10:] = (changed[:, 10:] + 1) % TINY_NET["vocab_size"]
     soft_past_moves = not torch.allclose(model(idx)[0][:, :10], model(changed)[0][:, :10])
     assert soft_past_moves  # why it must not be reported
     data = TextDataModule(str(small_corpus), block_size=16, batch_size=4)

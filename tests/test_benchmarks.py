@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, write_corpus
+from tests.helpers import REPO, write_corpus
 from tsa_lightning.budget import budget_grid
 from tsa_lightning.cli import main as cli_main
 

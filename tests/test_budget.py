@@ -7,9 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import quiet_trainer, write_corpus
-from tests.test_model import tokens
-from tests.test_robustness import cli_error, fit_on
+from tests.helpers import cli_error, fit_on, quiet_trainer, tokens, write_corpus
 from tsa_lightning.budget import Budgets, HaltQuantile, probability
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import Routing, TSAConfig

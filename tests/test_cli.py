@@ -1,10 +1,7 @@
 """The user's main job end to end, through the real command line."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,7 +12,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from tests.conftest import REPO, write_corpus
+from tests.helpers import REPO, cli, write_corpus
 from tsa_lightning import names
 from tsa_lightning.callbacks import HPARAM_LEAD, HPARAM_METRICS
 from tsa_lightning.cli import main
@@ -25,17 +22,6 @@ from tsa_lightning.inference import sample
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
-
-
-def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def data_overrides(config: Path, shared_data: Path, tmp_path: Path) -> list[str]:

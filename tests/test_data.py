@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_corpus
+from tests.helpers import write_corpus
 from tsa_lightning.corpus import SHAKESPEARE_ALPHABET, Codec, CorpusError
 from tsa_lightning.data import (
     IGNORE_INDEX,

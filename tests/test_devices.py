@@ -8,7 +8,7 @@ inputs' device is a meta one, and mixing it with the CPU ones raises at once.
 
 import torch
 
-from tests.test_model import make, spread_routers, tokens
+from tests.helpers import make, spread_routers, tokens
 from tsa_lightning import Routing
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, tally
 

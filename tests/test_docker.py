@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
 

@@ -11,10 +11,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
 from torch.nn import functional as F
 
-from tests.conftest import quiet_trainer, write_corpus
-from tests.test_resume import fit_args
-from tests.test_robustness import cli_error
-from tests.test_scale import fit
+from tests.helpers import cli_error, fit, fit_args, quiet_trainer, write_corpus
 from tsa_lightning.budget import Budgets, budget_grid, probability
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule

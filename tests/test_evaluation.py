@@ -7,9 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import quiet_trainer, write_corpus
-from tests.test_baselines import spread_predictors
-from tests.test_model import spread_routers
+from tests.helpers import quiet_trainer, spread_predictors, spread_routers, write_corpus
 from tsa_lightning.accounting import summarize, tally
 from tsa_lightning.baselines import build_model
 from tsa_lightning.data import IGNORE_INDEX, TextDataModule

@@ -1,14 +1,13 @@
 import pytest
 import torch
 
-from tests.test_baselines import make, spread_predictors
-from tests.test_model import TINY, spread_routers
+from tests.helpers import TINY_NET, make, spread_predictors, spread_routers
 from tsa_lightning.inference import generate_cached
 
 
 def prompts_of_lengths(*lengths: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(4)
-    return [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in lengths]
+    return [torch.randint(0, TINY_NET["vocab_size"], (n,), generator=g) for n in lengths]
 
 
 def trained_like(routing: str):
@@ -68,7 +67,7 @@ def test_cached_generation_slides_past_block_size():
     model = trained_like("tsa")
     prompt = prompts_of_lengths(10)
     out = generate_cached(model, prompt, max_new_tokens=30, temperature=0)[0]
-    assert len(out) == 40 and int(out.max()) < TINY["vocab_size"]
+    assert len(out) == 40 and int(out.max()) < TINY_NET["vocab_size"]
     model.config.skip_threshold = 0.5
     expected = model.generate(prompt[0][None], max_new_tokens=6, temperature=0, mode="hard")[0]
     assert torch.equal(out[:16], expected)
@@ -78,7 +77,7 @@ def test_sampling_with_cache_stays_in_vocabulary():
     model = trained_like("tsa")
     out = generate_cached(model, prompts_of_lengths(2, 5), max_new_tokens=6, temperature=1.0, top_k=3)
     assert [len(o) for o in out] == [8, 11]
-    assert all(int(o.max()) < TINY["vocab_size"] for o in out)
+    assert all(int(o.max()) < TINY_NET["vocab_size"] for o in out)
 
 
 def test_batched_prefill_equals_position_by_position_prefill():

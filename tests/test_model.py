@@ -3,32 +3,11 @@ import math
 import pytest
 import torch
 
-from tests.conftest import TINY as SHARED_TINY
+from tests.helpers import TINY_NET, make, spread_routers, tokens
 from tsa_lightning import TSAConfig, TSATransformer
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, report
 from tsa_lightning.errors import ConfigError
 from tsa_lightning.inference import generate_cached
-
-TINY = {**SHARED_TINY, "vocab_size": 11, "block_size": 16, "n_layer": 4}  # four blocks: three routed
-
-
-def make(seed: int = 0, **overrides) -> TSATransformer:
-    torch.manual_seed(seed)
-    return TSATransformer(TSAConfig(**{**TINY, **overrides})).eval()
-
-
-def tokens(B: int = 3, T: int = 16, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def spread_routers(model: TSATransformer, seed: int = 2) -> None:
-    """Give routers large random weights so p spreads over (0, 1) and hard mode skips a mix."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for router in model.routers:
-            router.hidden.weight.copy_(torch.randn(router.hidden.weight.shape, generator=g))
-            router.out.weight.copy_(torch.randn(router.out.weight.shape, generator=g))
-            router.out.bias.zero_()
 
 
 @pytest.mark.parametrize("routing", ["none", "tsa"])
@@ -37,12 +16,12 @@ def test_shapes(routing, mode):
     model = make(routing=routing)
     idx = tokens(B=3, T=10)
     logits, loss, routing_info = model(idx, targets=idx, mode=mode)
-    assert logits.shape == (3, 10, TINY["vocab_size"])
+    assert logits.shape == (3, 10, TINY_NET["vocab_size"])
     assert loss.shape == () and torch.isfinite(loss)
-    assert routing_info.executed.shape == (3, 10, TINY["n_layer"])
+    assert routing_info.executed.shape == (3, 10, TINY_NET["n_layer"])
     assert routing_info.executed.dtype == torch.bool
     if routing == "tsa":
-        assert routing_info.halt_probs.shape == (3, 10, TINY["n_layer"] - 1)
+        assert routing_info.halt_probs.shape == (3, 10, TINY_NET["n_layer"] - 1)
     else:
         assert routing_info.halt_probs is None
     assert model(idx)[1] is None
@@ -54,7 +33,7 @@ def test_causal(mode):
     spread_routers(model)
     idx = tokens(B=2, T=16)
     changed = idx.clone()
-    changed[:, 9:] = (changed[:, 9:] + 1) % TINY["vocab_size"]
+    changed[:, 9:] = (changed[:, 9:] + 1) % TINY_NET["vocab_size"]
     a, _, ra = model(idx, mode=mode)
     b, _, rb = model(changed, mode=mode)
     torch.testing.assert_close(a[:, :9], b[:, :9])
@@ -180,7 +159,7 @@ def test_generate(mode):
     model = make()
     out = model.generate(tokens(B=2, T=3), max_new_tokens=20, temperature=0.8, top_k=5, mode=mode)
     assert out.shape == (2, 23)
-    assert out.min() >= 0 and out.max() < TINY["vocab_size"]
+    assert out.min() >= 0 and out.max() < TINY_NET["vocab_size"]
     greedy = model.generate(tokens(B=2, T=3), max_new_tokens=4, temperature=0, mode=mode)
     assert torch.equal(greedy, model.generate(tokens(B=2, T=3), max_new_tokens=4, temperature=0, mode=mode))
 
@@ -218,7 +197,7 @@ def test_param_groups_decay_only_matrices():
 )
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"TSAConfig\.{field}"):
-        TSAConfig(**{**TINY, **overrides})
+        TSAConfig(**{**TINY_NET, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -232,7 +211,7 @@ def test_invalid_config_names_the_field(overrides, field):
     ],
 )
 def test_every_bound_of_a_range_that_is_closed_is_accepted(overrides):
-    config = TSAConfig(**{**TINY, **overrides})
+    config = TSAConfig(**{**TINY_NET, **overrides})
     assert all(getattr(config, name) == value for name, value in overrides.items())
 
 
@@ -240,7 +219,7 @@ def test_every_bound_of_a_range_that_is_closed_is_accepted(overrides):
 def test_an_unknown_choice_is_told_every_choice(name, value):
     choices = {"routing": ("none", "tsa", "early_exit", "mod"), "gate": ("soft", "straight_through")}[name]
     with pytest.raises(ConfigError) as error:
-        TSAConfig(**{**TINY, name: value})
+        TSAConfig(**{**TINY_NET, name: value})
     assert all(repr(choice) in str(error.value) for choice in choices)
 
 
@@ -289,7 +268,7 @@ def test_a_bfloat16_model_keeps_its_stream_in_bfloat16_and_p_in_float32():
     for mode in ("soft", "hard"):
         logits, _, routing = model(idx, mode=mode)
         assert logits.dtype == torch.bfloat16 and routing.halt_probs.dtype == torch.float32, mode
-    h = torch.randn(3, 16, TINY["n_embd"]).to(torch.bfloat16)
+    h = torch.randn(3, 16, TINY_NET["n_embd"]).to(torch.bfloat16)
     router = model.routers[0]
     torch.testing.assert_close(router(h), torch.sigmoid(router.logit(h).float()), rtol=0, atol=0)
 
@@ -365,7 +344,7 @@ def test_hard_mode_does_no_work_for_skipped_tokens():
     rows = rows_seen(model)
     idx = tokens()
     executed = model(idx, mode="hard")[2].executed
-    for i in range(TINY["n_layer"]):
+    for i in range(TINY_NET["n_layer"]):
         kept = int(executed[..., i].sum())
         for part in ("attn.query", "attn.proj", "mlp"):
             assert rows.get(f"{i}.{part}", 0) == kept, (i, part)
@@ -390,7 +369,7 @@ def test_cached_decoding_does_no_work_for_skipped_tokens():
         rows.clear()
         threshold = 0.0 if t % 4 == 0 else 0.5  # every fourth step every token skips every routed block
         executed = model(idx[:, t : t + 1], mode="hard", threshold=threshold, input_pos=t)[2].executed
-        for i in range(TINY["n_layer"]):
+        for i in range(TINY_NET["n_layer"]):
             kept = int(executed[:, 0, i].sum())
             shares.add(kept / B)
             parts = ("attn.query", "attn.proj", "mlp")

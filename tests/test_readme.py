@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 README = REPO / "README.md"
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")

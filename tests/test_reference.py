@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 from tsa_lightning.accounting import dense_twin_flops, forward_flops
 from tsa_lightning.baselines import build_model
 from tsa_lightning.inference import generate_cached

@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.test_cli import cli
-from tests.test_resume import fit_args
-from tests.test_robustness import cli_error, fit_on
-from tests.test_scale import scalars
+from tests.helpers import REPO, cli, cli_error, fit_args, fit_on, scalars, write_corpus
 from tsa_lightning import runs
 from tsa_lightning.baselines import build_model
 from tsa_lightning.cli import main
@@ -44,7 +40,6 @@ def resumable_fit(corpus) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    from tests.conftest import write_corpus
 
     root = tmp_path_factory.mktemp("signals")
     corpus = write_corpus(root / "corpus.txt")

@@ -17,30 +17,12 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_OPTIONS, quiet_trainer, write_corpus
-from tests.test_cli import cli
-from tests.test_robustness import cli_error
+from tests.helpers import REPO, cli, cli_error, fit_args, quiet_trainer, write_corpus
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import LastCheckpoint
-
-
-def fit_args(corpus: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        f"--config={REPO / 'configs' / 'shakespeare_cpu.yaml'}",
-        "--data=tsa_lightning.data.TextDataModule",
-        f"--data.init_args.path={corpus}",
-        "--data.init_args.block_size=16",
-        "--data.init_args.batch_size=8",
-        *TINY_OPTIONS,
-        "--trainer.limit_val_batches=2",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        *extra,
-    ]
 
 
 def step_of(path: Path) -> int:

@@ -7,37 +7,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.conftest import REPO, TINY_OPTIONS, quiet_trainer, write_corpus
+from tests.helpers import cli_error, fit_on, quiet_trainer, write_corpus
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.errors import TrainingDiverged
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
-
-CPU_CONFIG = str(REPO / "configs" / "shakespeare_cpu.yaml")
-
-
-def cli_error(*args: str) -> str:
-    """The message the user sees when the command line refuses to run."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
-def fit_on(path, tmp_path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        f"--config={CPU_CONFIG}",
-        "--data=tsa_lightning.data.TextDataModule",
-        f"--data.init_args.path={path}",
-        "--data.init_args.block_size=32",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.max_steps=2",
-        *TINY_OPTIONS,
-        *extra,
-    ]
 
 
 def test_unknown_config_key(small_corpus, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 from tsa_lightning import TSALanguageModel
 from tsa_lightning.errors import ConfigError
 from tsa_lightning.inference import generate_cached

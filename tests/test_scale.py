@@ -6,42 +6,12 @@ import subprocess
 import sys
 import time
 
-import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO, TINY_OPTIONS, quiet_trainer
-from tests.test_cli import cli
+from tests.helpers import REPO, TINY_OPTIONS, cli, fit, scalars
 from tsa_lightning.data import ContiguousWindows, TextDataModule
-from tsa_lightning.model import TSAConfig
-from tsa_lightning.module import TSALanguageModel
-
-
-def fit(
-    corpus, strategy: str, devices: int, batch_size: int, callbacks=(), precision=None, gate=None, **budget
-) -> dict:
-    L.seed_everything(0, verbose=False)
-    data = TextDataModule(str(corpus), block_size=16, batch_size=batch_size, samples_per_epoch=128)
-    gate = {"gate": gate or "straight_through"} if budget else {}
-    model = TSALanguageModel(
-        TSAConfig(
-            vocab_size=data.vocab_size, block_size=16, n_layer=3, n_head=2, n_embd=16, dropout=0.0, **gate
-        ),
-        **budget,
-    )
-    trainer = quiet_trainer(
-        accelerator="cpu",
-        strategy=strategy,
-        devices=devices,
-        max_steps=6,
-        val_check_interval=6,
-        precision=precision,
-        check_val_every_n_epoch=None,
-        callbacks=list(callbacks),
-    )
-    trainer.fit(model, data)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def test_ddp_spawn_equals_one_process_with_the_same_global_batch(small_corpus):
@@ -63,13 +33,6 @@ def test_a_budget_sets_one_threshold_from_the_whole_global_batch(small_corpus):
     assert ddp["train/skip_threshold"] == pytest.approx(single["train/skip_threshold"], rel=1e-7)
     assert ddp["train/executed_share"] == pytest.approx(single["train/executed_share"], abs=1e-6)
     assert ddp["val/hard/loss"] == pytest.approx(single["val/hard/loss"], abs=1e-4)
-
-
-def scalars(folder, tag: str, since: int = 0) -> dict[int, float]:
-    """A tag's values by step from `since` on; where a resumed run logged a step again, its own value."""
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag) if e.step >= since}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])

@@ -281,7 +281,8 @@ def main(args: list[str] | None = None) -> None:
         print(*getattr(e, "__notes__", []), file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: nothing half-written stays
-        print("error: interrupted (Ctrl-C); an interrupted `fit` resumes with --ckpt_path last", file=sys.stderr)
+        interrupted = "error: interrupted (Ctrl-C); an interrupted `fit` resumes with --ckpt_path last"
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
     except (ArgumentError, TSAError, OSError, ValueError) as e:
         if os.environ.get("TSA_TRACEBACK") or not is_usage_error(e):
