@@ -1,5 +1,6 @@
 """Compute budgets and retrofitting: asking for an operating point, and starting from a dense model."""
 
+import math
 import re
 from dataclasses import asdict
 
@@ -284,3 +285,17 @@ def test_an_elastic_retrofit_starts_as_the_dense_model_at_budget_one(tmp_path):
         skipping = retrofit.model(idx, mode="hard", threshold=0.1)[0]
     assert torch.equal(logits, expected) and routing.executed.all()
     assert not torch.equal(skipping, expected)  # the routers do decide below budget 1.0
+
+
+def test_a_batch_is_settled_only_when_each_budget_runs_its_share_within_the_tolerance():
+    budgets = Budgets.elastic(0.5, 1.0, 0.1, 0.5)
+    halts = torch.arange(1000.0).view(1, 1000, 1).repeat(2, 1, 1)  # logits 0..999 in each of two rows
+    valid = torch.ones(2, 1000, dtype=torch.bool)
+    half, full = budgets.table_budgets.index(0.5), budgets.table_budgets.index(1.0)
+    points = torch.tensor([half, full])
+    assert budgets.settled(halts, valid, points, torch.tensor([499.0, math.inf]))  # 500 of 1000 run
+    assert budgets.settled(halts, valid, points, torch.tensor([500.0, math.inf]))  # 0.501: within 0.002
+    assert not budgets.settled(halts, valid, points, torch.tensor([503.0, math.inf]))  # 0.504
+    assert not budgets.settled(halts, valid, points, torch.tensor([499.0, 989.0]))  # full depth skips 10
+    valid[0, 600:] = False  # padding counts nothing: 500 of 600 run
+    assert not budgets.settled(halts, valid, points, torch.tensor([499.0, math.inf]))

@@ -104,7 +104,8 @@ def check_budget(
 GRID_STEP = 0.05  # an elastic model's thresholds are trained and scored every GRID_STEP of budget
 TABLE_STEP = 0.01  # ... and calibrated every TABLE_STEP, the precision a budget is named to
 START_LIMIT = 30.0  # log-odds: a training threshold starts at most this far out
-REFINEMENTS = 3  # per-batch steps towards each budget's threshold before a thorough calibration's pass
+REFINEMENTS = 10  # at most this many per-batch steps towards a budget's threshold in a thorough calibration
+SETTLED = 0.002  # ... which stop once the batch runs its budget's share within this
 THOROUGH_BATCHES = 8  # a thorough calibration reads this many batches, spread over the split
 SHOWN = (1.0, 0.85, 0.7, 0.5)  # the budgets an elastic run's chart and summary show, besides its ends
 
@@ -261,6 +262,19 @@ class Budgets(nn.Module):
             if self.table_budgets[k] < 1.0 and valid[rows].any():
                 thresholds[rows] = order_statistic(halt_logits[rows][valid[rows]], self.table_budgets[k])
         return thresholds
+
+    def settled(self, halt_logits: Tensor, valid: Tensor, points: Tensor, thresholds: Tensor) -> bool:
+        """Whether each budget's rows ran (at `thresholds`, one per row) within SETTLED of its share."""
+        points = points.to(halt_logits.device)
+        run = halt_logits <= thresholds.to(halt_logits.device).view(-1, *[1] * (halt_logits.dim() - 1))
+        for k in points.unique().tolist():
+            rows = points == k
+            if (
+                valid[rows].any()
+                and abs(float(run[rows][valid[rows]].float().mean()) - self.table_budgets[k]) > SETTLED
+            ):
+                return False
+        return True
 
     def observe(self, halt_logits: Tensor, valid: Tensor, points: Tensor | None = None) -> None:
         """A validation batch's scores in hard mode, each row at table entry `points` (B,) (None: 0)."""

@@ -11,7 +11,7 @@ from tsa_lightning import names
 from tsa_lightning.budget import REFINEMENTS, Budgets
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.metrics import Bits, ComputeMetric
-from tsa_lightning.model import Routing, TSAConfig, TSATransformer
+from tsa_lightning.model import Routing, TSAConfig, TSATransformer, skip_logit
 from tsa_lightning.retrofit import distillation_kl
 
 
@@ -50,17 +50,20 @@ class GridScores(nn.Module):
         world_size: int = 1,
     ) -> None:
         """Run the batch at the budgets `budget.validation_passes` deals its rows, observing each
-        row's router logits for calibration. Thorough: each pass's thresholds are first refined
-        REFINEMENTS times on the batch (a moved threshold changes later routers' logits)."""
+        row's router logits for calibration. Thorough: each pass's thresholds are refined on the
+        batch (a moved threshold changes later routers' logits) until the batch runs its budget's
+        share within SETTLED, at most REFINEMENTS times; the last pass is the one observed."""
         x, y = batch
         start = budget.validation_thresholds()
         valid = y != IGNORE_INDEX
         for points in budget.validation_passes(len(x), batch_idx, thorough, rank, world_size):
             threshold = start[points.to(start.device)]
-            for _ in range(REFINEMENTS if thorough else 0):
-                routing = model(x, mode="hard", threshold=threshold)[2]
-                threshold = budget.batch_thresholds(routing.halt_logits, valid, points)
             logits, _, routing = model(x, mode="hard", threshold=threshold)
+            for _ in range(REFINEMENTS if thorough else 0):
+                if budget.settled(routing.halt_logits, valid, points, skip_logit(threshold)):
+                    break
+                threshold = budget.batch_thresholds(routing.halt_logits, valid, points)
+                logits, _, routing = model(x, mode="hard", threshold=threshold)
             budget.observe(routing.halt_logits, valid, points)
             if not self.budgets or not set(points.tolist()) & set(budget.grid_index):
                 continue  # one budget (scored by the pass at its threshold), or one between the grid's
