@@ -97,6 +97,9 @@ def test_fit_says_where_everything_goes_and_ends_with_a_summary(trained_run):
     assert bpc == [f"{e.value:.4f}" for e in scalars]  # each validation, as TensorBoard has it
     assert f"final state:     {checkpoints / 'last.ckpt'}" in summary
     assert "💡" not in printed and "weights_only" not in printed  # Lightning's notes, silenced
+    assert "`Trainer.fit` stopped" not in printed  # it broke the final bar in two; the summary says it
+    bars = [line for line in printed.split("\n") if "step: 100%" in line]  # \r redraws stay on a line
+    assert len(bars) <= 1, bars
 
 
 OWN_OPTIONS = (

@@ -54,3 +54,11 @@ def test_predict_step_gives_tokens_and_blocks_run():
     assert int(out["blocks_run"].min()) >= 1 and int(out["blocks_run"].max()) <= TINY_NET["n_layer"]
     routing = module.model(idx, mode="hard")[2]
     assert torch.equal(out["blocks_run"], routing.executed.sum(-1))
+
+
+def test_the_model_summary_counts_a_windows_flops():
+    """Lightning's summary printed `0 Total Flops` without an example input to count them on."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    module = TSALanguageModel(TSAConfig(**TINY_NET))
+    assert ModelSummary(module).total_flops > 0

@@ -234,10 +234,12 @@ def overview() -> argparse.ArgumentParser:
 
 
 class LightningNotes(logging.Filter):
-    """Drops Lightning's notes that concern nothing the user did: an advertisement, and the loading
-    default it picks for checkpoints, which this package writes itself."""
+    """Drops Lightning's notes that concern nothing the user did: an advertisement, the loading
+    default it picks for checkpoints (which this package writes itself), and its note that fit
+    reached max_steps (printed into the open progress bar, which then drew itself twice; the run's
+    summary says where it stopped)."""
 
-    DROPPED = ("💡 Tip:", "`weights_only` was not set")
+    DROPPED = ("💡 Tip:", "`weights_only` was not set", "`Trainer.fit` stopped:")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(note in record.getMessage() for note in self.DROPPED)

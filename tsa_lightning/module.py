@@ -120,6 +120,8 @@ class TSALanguageModel(L.LightningModule):
                 "distill_weight needs a teacher: init_from (a dense checkpoint) or elastic_budgets "
                 "(the network at full depth)"
             )
+        # one window: Lightning's model summary counts a forward's FLOPs on it
+        self.example_input_array = torch.zeros(1, self.config.block_size, dtype=torch.long)
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
         self.trained_steps = 0  # a loaded checkpoint's step
         self.codec = Codec(alphabet)
