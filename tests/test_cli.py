@@ -190,15 +190,18 @@ def test_custom_scalars_charts_find_their_tags(trained_run):
     layout = layout_pb2.Layout.FromString(proto.string_val[0])
     scalars = events.Tags()["scalars"]
     charts = {chart.title: chart for category in layout.category for chart in category.chart}
-    assert "executed share of each block, val / test" in charts
-    for title, chart in charts.items():
-        for pattern in chart.multiline.tag:
-            assert any(re.match(pattern, tag) for tag in scalars), (title, pattern)
-    per_block = charts["executed share of each block, train (what hard mode would run)"].multiline.tag
-    matched = sorted(t for t in scalars if re.match(per_block[0], t))
-    assert matched == [f"executed/train/block_{l}" for l in range(6)]
-    block_charts = next(category for category in layout.category if category.title == "each block").chart
-    assert len(block_charts) == 6  # one chart per block, its own colours
+    for (
+        title,
+        chart,
+    ) in charts.items():  # one tag per run: TensorBoard tells a run's tags apart by marker only
+        assert len(chart.multiline.tag) == 1, title
+        matched = [tag for tag in scalars if re.match(chart.multiline.tag[0], tag)]
+        assert matched, title
+        assert len({tag.split("/")[0] for tag in matched}) == 1 or "val / test" in title, (title, matched)
+    assert "executed FLOPs saved (routers counted), val / test" in charts
+    for stage in ("train", "val / test"):
+        blocks = next(c for c in layout.category if c.title == f"each block, {stage} (executed share)").chart
+        assert len(blocks) == 6  # one chart per block, its own colours
 
 
 def test_hparams_table_shows_final_quality_and_compute(trained_run):

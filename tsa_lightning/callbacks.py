@@ -50,41 +50,46 @@ def _tensorboard(trainer: L.Trainer):
     return None
 
 
-_SAVED = "(tlops_saved_executed|flops_saved|tlops_saved_paper)"
-# Custom Scalars charts; each tag is a regular expression matched from the tag's start
-LAYOUT = {
-    "depth": {
-        "executed share of each block, train (what hard mode would run)": [
-            "Multiline",
-            [r"executed/train/block_\d+$"],
-        ],
-        "executed share of each block, val / test": ["Multiline", [r"executed/(val|test)/block_\d+$"]],
-    },
-    "compute saved": {
-        "train: executed, FLOPs, paper's formula": ["Multiline", [rf"train/{_SAVED}$"]],
-        "val / test: executed, FLOPs, paper's formula": ["Multiline", [rf"(val|test)/{_SAVED}$"]],
-    },
-    "quality": {"bits per character": ["Multiline", [r"train/bpc$", r"(val|test)/(soft|hard)/bpc$"]]},
+SAVED_TITLES = {  # names.SAVED, as chart titles say them
+    "tlops_saved_executed": "executed TLOps saved",
+    "flops_saved": "executed FLOPs saved (routers counted)",
+    "tlops_saved_paper": "paper TLOps saved (its soft formula)",
 }
 
 
 def layout(n_layer: int, budgets: list[float] | None = None) -> dict:
-    """LAYOUT, and one small chart per block: in a chart TensorBoard colours by run, not by tag, so
-    "which block skips" reads at a glance only block by block. An elastic model's `budgets` add one
-    chart of validation bpc at a few of them: the whole trade-off improving, not one point."""
-    blocks = {
-        f"block {l}: executed share, train / val / test": [
-            "Multiline",
-            [rf"executed/(train|val|test)/block_{l}$"],
-        ]
-        for l in range(n_layer)
+    """Custom Scalars charts, each holding one quantity of one stage: TensorBoard colours a chart's
+    series by run and tells a run's tags apart only by marker, so a chart with one tag per run reads
+    without hovering, and runs (a training run, its validate and test runs) get their own colours.
+    Tags are regular expressions matched from the tag's start. Every block's executed share has
+    its own chart; an elastic model's `budgets` add one chart of validation bpc per budget."""
+    stages = {"train": "train", "val / test": "(val|test)"}
+    saved = {
+        f"{title}, {stage}": ["Multiline", [rf"{pattern}/{name}$"]]
+        for name, title in SAVED_TITLES.items()
+        for stage, pattern in stages.items()
     }
-    charts = {**LAYOUT, "each block": blocks}
-    if budgets:
-        tags = [re.escape(names.at_budget(b, "bpc")) + "$" for b in budgets]
-        chart = "bits per token at budgets 1 to lowest, val"
-        charts["quality"] = {**LAYOUT["quality"], chart: ["Multiline", tags]}
-    return charts
+    quality = {
+        "bits per character, train": ["Multiline", [r"train/bpc$"]],
+        "bits per character, hard mode, val / test": ["Multiline", [r"(val|test)/hard/bpc$"]],
+        "bits per character, soft mode, val / test": ["Multiline", [r"(val|test)/soft/bpc$"]],
+    }
+    for budget in budgets or []:
+        quality[f"bits per token at budget {budget:g}, val"] = [
+            "Multiline",
+            [re.escape(names.at_budget(budget, "bpc")) + "$"],
+        ]
+    return {
+        "compute saved": saved,
+        "quality": quality,
+        **{
+            f"each block, {stage} (executed share)": {
+                f"block {l}, {stage}": ["Multiline", [rf"executed/{pattern}/block_{l}$"]]
+                for l in range(n_layer)
+            }
+            for stage, pattern in stages.items()
+        },
+    }
 
 
 def operating_point(pl_module) -> tuple[float | Tensor, str]:
@@ -116,8 +121,8 @@ HPARAM_LEAD = ("routing", "gate", "compute_budget", "elastic_budgets", "depth_lo
 class Dashboard(L.Callback):
     """Arranges the logged scalars in TensorBoard, once per run.
 
-    Custom Scalars: every block's executed share in one chart, and the work saved (executed,
-    FLOPs, the paper's formula) in another, for training and for validation or test.
+    Custom Scalars: one chart per quantity and stage (`layout`): the work saved three ways, bpc, and
+    each block's executed share.
     HParams: the model's hyperparameters beside its final hard-mode quality and compute. The
     experiment names its metrics by the tags the module logs, so the table reads their latest
     values (even of an interrupted run); every run names the same metrics, because TensorBoard
