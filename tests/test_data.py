@@ -161,6 +161,16 @@ def test_folder_corpus_concatenates_files_in_name_order(tmp_path):
         TextDataModule(str(tmp_path), level="byte", block_size=8, sha256="0" * 64).setup()
 
 
+def test_a_bad_byte_in_a_folder_corpus_names_its_file_and_its_offset_there(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n" * 50)
+    (tmp_path / "b.txt").write_bytes(b"fine " * 10 + b"caf\xe9")
+    with pytest.raises(CorpusError) as error:
+        TextDataModule(str(tmp_path), block_size=8).setup()
+    assert str(error.value).startswith(
+        f"{tmp_path / 'b.txt'} is not valid UTF-8 text (undecodable byte at offset 53)"
+    )
+
+
 @pytest.mark.parametrize(
     "content, kwargs, match",
     [

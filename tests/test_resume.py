@@ -186,7 +186,10 @@ def test_a_copied_run_folder_resumes_from_its_newest_state_and_leaves_the_origin
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     copy = tmp_path / "elsewhere" / "shakespeare_cpu" / "checkpoints"
-    assert step_of(copy / "last.ckpt") == 10 and "best-8.ckpt" in checkpoints(copy)
+    assert step_of(copy / "last.ckpt") == 10
+    best = [name for name in checkpoints(copy) if name.startswith("best-")]
+    assert len(best) == 1  # save_top_k 1: the copied best was superseded, not left beside the new one
+    assert f"best checkpoint: {copy.resolve() / best[0]}" in resumed.stderr  # the copy's, not the original's
     assert {p.name: p.read_bytes() for p in original.iterdir()} == before
 
 

@@ -41,6 +41,7 @@ from tsa_lightning.inference import sample
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
     AtomicCheckpointIO,
+    BestCheckpoint,
     GracefulStop,
     LastCheckpoint,
     RunLock,
@@ -98,7 +99,7 @@ class TSALightningCLI(LightningCLI):
         parser.add_lightning_class_args(HardSample, "hard_sample")
         # the best checkpoint by the metric; `last.ckpt` is LastCheckpoint's alone (added after it,
         # so it runs after it and saves its newest record)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {

@@ -177,10 +177,20 @@ class Corpus:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
+            path, offset = self.file_at(e.start)
             raise CorpusError(
-                f"{self.path} is not valid UTF-8 text (undecodable byte at offset {e.start}); "
+                f"{path} is not valid UTF-8 text (undecodable byte at offset {offset}); "
                 "use level='byte' for binary or mixed-encoding corpora, or re-encode the file as UTF-8"
             ) from None
+
+    def file_at(self, offset: int) -> tuple[Path, int]:
+        """The file of a folder corpus holding the joined text's byte `offset`, and the offset in it."""
+        for path in self.files():
+            size = path.stat().st_size
+            if offset < size:
+                return path, offset
+            offset -= size
+        return self.path, offset
 
     def tokens(self) -> np.ndarray:
         if self.level == "byte":

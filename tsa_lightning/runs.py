@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.errors import ConfigError, RunError
@@ -120,6 +120,38 @@ class LastCheckpoint(Checkpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Every checkpoint names its log version, so that a resume continues in the same folder."""
         checkpoint["log_version"] = trainer.logger.version if trainer.logger is not None else None
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's best-checkpoint callback, which keeps its record when a run's folder was copied
+    or moved and the run resumed there: the record's paths are rebased onto the files in the new
+    folder. (Lightning 2.6 then keeps only `best_model_path`, in the old folder: the summary named
+    a file elsewhere, and a copied best-*.ckpt stayed beside the new best with save_top_k 1.)"""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and Path(old) != Path(new):
+            state_dict = rebased(state_dict, Path(old), Path(new))
+        super().load_state_dict(state_dict)
+
+
+def rebased(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
+    """A ModelCheckpoint record moved from folder `old` to `new`: each file found in `new` under its
+    name is recorded there; one found in neither is forgotten."""
+
+    def moved(path: str) -> str:
+        here = new / Path(path).name
+        if path and Path(path).parent == old and here.is_file():
+            return str(here)
+        return path if path and Path(path).is_file() else ""
+
+    record = {**state, "dirpath": str(new)}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        record[key] = moved(state.get(key) or "")
+    record["best_k_models"] = {
+        moved(path): score for path, score in state.get("best_k_models", {}).items() if moved(path)
+    }
+    return record
 
 
 def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint | None:

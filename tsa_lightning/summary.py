@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from lightning.pytorch import Trainer
 
@@ -83,7 +85,7 @@ def end_of_run(trainer: Trainer) -> str:
     if last is not None and last.path.is_file():
         lines.append(f"  final state:     {last.path}")
     best = trainer.checkpoint_callback
-    if best is not None and best.best_model_path:
+    if best is not None and best.best_model_path and Path(best.best_model_path).is_file():
         score = f" ({best.monitor} {float(best.best_model_score):.4f})" if best.best_model_score else ""
         lines.append(f"  best checkpoint: {best.best_model_path}{score}")
     logged = where_logged(trainer)
