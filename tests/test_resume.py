@@ -16,8 +16,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import REPO, cli, cli_error, fit_args, quiet_trainer, write_corpus
+from tests.helpers import REPO, cli, cli_error, fit_args, quiet_trainer, scalars, write_corpus
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import TSAConfig
@@ -280,3 +281,42 @@ def test_a_run_killed_while_writing_its_first_last_ckpt_points_to_its_best(one_r
     main([*args, f"--ckpt_path={best}"])
     assert step_of(folder / "last.ckpt") == 6 and "last.ckpt" in checkpoints(folder)
     assert not list(folder.glob(".*.partial"))
+
+
+@pytest.mark.parametrize("resume_from", ["best-4.ckpt", "last.ckpt"])
+def test_a_resume_logs_every_later_scalar_at_the_step_and_value_of_the_uninterrupted_run(
+    tmp_path, resume_from
+):
+    """From a checkpoint written at a validation (best-4): every later point at its step, with its
+    value. From the final one of a finished run extended to more steps (last, at 4 of 4): at its
+    step; Lightning counts the epoch as ended at max_steps, so the extension trains on the windows
+    of a new one. (The warmup outlasts both runs, so their learning rates agree whatever max_steps.)"""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    args = fit_args(
+        corpus, "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1", "--model.warmup_steps=100"
+    )
+    keep = ["--checkpoint.save_top_k=-1", "--checkpoint.monitor=null"]  # best-2, best-4, ... all kept
+    full = cli(*args, "--trainer.max_steps=8", "--trainer.logger.init_args.name=full", *keep, cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    resumed_run = ["--trainer.logger.init_args.name=resumed"]
+    ckpt = tmp_path / "runs" / "full" / "checkpoints" / resume_from
+    if resume_from == "last.ckpt":
+        assert cli(*args, "--trainer.max_steps=4", *resumed_run, cwd=tmp_path).returncode == 0
+        ckpt = tmp_path / "runs" / "resumed" / "checkpoints" / "last.ckpt"
+    resumed = cli(*args, "--trainer.max_steps=8", *resumed_run, f"--ckpt_path={ckpt}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full_logs, resumed_logs = (
+        tmp_path / "runs" / "full" / "version_0",
+        tmp_path / "runs" / "resumed" / "version_0",
+    )
+    events = EventAccumulator(str(full_logs), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "val/hard/bpc" in tags
+    for tag in tags:  # a validation at step 4 ran before the checkpoint: the resume logs from step 5
+        since = 4 if tag.startswith(("train/", "executed/train/")) else 5
+        got, expected = scalars(resumed_logs, tag, since), scalars(full_logs, tag, since)
+        if resume_from == "last.ckpt":  # Lightning ends the epoch at max_steps: the extension draws a new one
+            assert sorted(got) == sorted(expected), tag
+        else:
+            assert got == expected, tag

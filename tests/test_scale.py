@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,72 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_corpus, tmp_path
     for step, value in continued.items():
         assert value == pytest.approx(expected[step], abs=1e-5), step
     assert not (tmp_path / "runs" / "killed" / "version_1").exists()  # one run, one log folder
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The live processes whose command line holds `text` (Linux)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:  # a process that ended while we looked
+            continue
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_ddp_spawn_stopped_by_a_signal_saves_the_step_reached_and_leaves_no_worker(
+    small_corpus, tmp_path, signum
+):
+    """A signal to the launching process (`kill <pid>`, or Ctrl-C): its workers finish the step, save
+    it, exit; the command exits 143 or 130 naming the step. Without care the launcher died at once
+    (-15) and left its workers behind, or hung waiting for their results."""
+    name = f"spawned_{signum.name}"
+    args = [
+        "fit",
+        f"--config={REPO / 'configs' / 'shakespeare_cpu.yaml'}",
+        "--data=tsa_lightning.data.TextDataModule",
+        f"--data.init_args.path={small_corpus}",
+        "--data.init_args.block_size=16",
+        "--data.init_args.batch_size=4",
+        *TINY_OPTIONS,
+        "--trainer.strategy=ddp_spawn",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=100000",
+        "--trainer.val_check_interval=100000",
+        "--trainer.enable_progress_bar=false",
+        "--last_checkpoint.every_n_train_steps=5",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.name={name}",
+    ]
+    last = tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not last.exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # training is under way once the first periodic last.ckpt exists
+    time.sleep(1.0)
+    launcher.send_signal(signum)
+    try:
+        _, stderr = launcher.communicate(timeout=180)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], stderr[-3000:]
+    stop = [line for line in stderr.splitlines() if line.startswith(f"stopped by {signum.name} at step")]
+    step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    assert stop and stop[0].startswith(f"stopped by {signum.name} at step {step}; saved {last}"), stderr[
+        -3000:
+    ]
+    trained = scalars(tmp_path / "runs" / name / "version_0", "train/loss")
+    # the checkpoint holds the last step trained (index step - 1); the workers stop before Lightning
+    # logs that step's point, which the resumed run does not log again
+    assert max(trained) == step - 2
+    time.sleep(1.0)
+    assert processes_mentioning(name) == []  # no worker left behind

@@ -21,6 +21,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning import names
@@ -42,12 +43,14 @@ from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
     AtomicCheckpointIO,
     BestCheckpoint,
+    ForwardSignals,
     GracefulStop,
     LastCheckpoint,
     RunLock,
     ValidationAtItsStep,
     checkpoint_folder,
     is_launching_process,
+    last_checkpoint,
     logger_args,
     read_checkpoint,
     remove_partial_writes,
@@ -199,6 +202,9 @@ class TSALightningCLI(LightningCLI):
         if folder is None or not is_launching_process():
             return
         RunLock(folder)  # held until the process ends (RunLock.held), never by an object a process pickles
+        if isinstance(self.trainer.strategy.launcher, _MultiProcessingLauncher):  # ddp_spawn
+            last = last_checkpoint(self.trainer)
+            ForwardSignals.install(last.path if last is not None else None)
         remove_partial_writes(folder)
         if not resumes_own_run(config) and any(folder.glob("*.ckpt")):
             raise RunError(
@@ -262,6 +268,7 @@ def quiet_lightning() -> None:
 def main(args: list[str] | None = None) -> None:
     """Bad input ends in one line that says what to fix; TSA_TRACEBACK=1 shows the traceback instead."""
     quiet_lightning()
+    ForwardSignals.received = None
     argv = sys.argv[1:] if args is None else args
     if not argv or argv[0] in ("-h", "--help"):
         overview().parse_args(argv)
@@ -291,6 +298,12 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get("TSA_TRACEBACK") or not is_usage_error(e):
             raise
         sys.exit(f"error: {one_line(e, argv[0] if argv else 'fit')}")
+    except Exception:
+        stopped = ForwardSignals.stopped()  # ddp_spawn's workers stopped by a signal, their state saved
+        if stopped is None:
+            raise
+        print(stopped[0], file=sys.stderr)
+        sys.exit(stopped[1])
     finally:
         RunLock.release_all()
 

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import multiprocessing
 import os
 import signal
 import sys
@@ -26,6 +28,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tsa_lightning.errors import ConfigError, RunError
@@ -94,6 +97,7 @@ class LastCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self.dirpath: Path | None = None  # the run's checkpoint folder, set by the CLI
         self.saved_step: int | None = None
+        self.ending = False  # saving the final state
 
     @property
     def path(self) -> Path:
@@ -115,11 +119,22 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)  # after validation: with the newest calibration and best-checkpoint record
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)  # max_steps, max_epochs, max_time or early stopping: the final state
+        self.ending = True  # max_steps, max_epochs, max_time or early stopping: the final state
+        try:
+            self.save(trainer)
+        finally:
+            self.ending = False
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Every checkpoint names its log version, so that a resume continues in the same folder."""
+        """Every checkpoint names its log version, so that a resume continues in the same folder.
+
+        The final one records the logging step as Lightning's own save points do, before its last
+        step counted: Lightning 2.6 adds that step back on every resume, and an extended run
+        logged every later point one step late."""
         checkpoint["log_version"] = trainer.logger.version if trainer.logger is not None else None
+        if self.ending:
+            loop = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
+            loop["_batches_that_stepped"] = max(0, loop["_batches_that_stepped"] - 1)
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -180,33 +195,89 @@ class GracefulStop(L.Callback):
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.spawned = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum = None
         lightning_handler = signal.getsignal(signal.SIGTERM)  # installed by the Trainer just before
+        # ddp_spawn's workers: Lightning's handler runs a collective inside the signal handler, which
+        # hangs ranks caught in another one; they agree at the end of each step instead
+        self.spawned = (
+            isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and trainer.world_size > 1
+        )
 
         def request_stop(signum: int, frame: Any) -> None:
             if self.signum == signal.SIGINT and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.signum = self.signum or signum
-            if callable(lightning_handler):
+            if callable(lightning_handler) and not self.spawned:
                 lightning_handler(signum, frame)
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.spawned and trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            self.signum = self.signum or signal.SIGTERM  # the rank that was not signalled stops too
+            self.save(trainer)  # a spawned worker's exception skips the callbacks' on_exception
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher ends the workers once one exits
+            raise SIGTERMException(EXIT_CODES[signal.Signals(self.signum)])  # a SystemExit: exit 143 or 130
+
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         signum = signal.Signals(self.signum or signal.SIGTERM)
-        last = last_checkpoint(trainer)
-        path = last.path if last is not None else Path(trainer.default_root_dir) / LAST
-        trainer.save_checkpoint(path)
+        path = self.save(trainer)
         exception.code = EXIT_CODES[signum]
         exception.add_note(
             f"stopped by {signum.name} at step {trainer.global_step}; saved {path}. "
             "Resume with the same command plus --ckpt_path last"
         )
+
+    @staticmethod
+    def save(trainer: L.Trainer) -> Path:
+        last = last_checkpoint(trainer)
+        path = last.path if last is not None else Path(trainer.default_root_dir) / LAST
+        trainer.save_checkpoint(path)
+        return path
+
+
+class ForwardSignals:
+    """ddp_spawn: the process a user started only launches the workers that train, so a SIGTERM
+    (`kill <pid>`) or Ctrl-C sent to it is forwarded to them; they stop as one process does
+    (`GracefulStop`: the step finished, `last.ckpt` written) and exit, and the launcher exits 143 or
+    130 naming the step saved (`stopped`). Without it the launcher died at once and left its
+    workers behind. A second Ctrl-C interrupts at once."""
+
+    received: ClassVar[int | None] = None
+    last: ClassVar[Path | None] = None
+
+    @classmethod
+    def install(cls, last: Path | None) -> None:
+        cls.received, cls.last = None, last
+
+        def forward(signum: int, frame: Any) -> None:
+            if cls.received == signal.SIGINT and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            cls.received = cls.received or signum
+            for worker in multiprocessing.active_children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+
+    @classmethod
+    def stopped(cls) -> tuple[str, int] | None:
+        """After the workers stopped on a forwarded signal: the line to print and the exit status."""
+        if cls.received is None:
+            return None
+        signum = signal.Signals(cls.received)
+        step = "the last step saved"
+        if cls.last is not None and cls.last.is_file():
+            step = f"step {read_checkpoint(cls.last)['global_step']}"
+        resume = "Resume with the same command plus --ckpt_path last"
+        return f"stopped by {signum.name} at {step}; saved {cls.last}. {resume}", EXIT_CODES[signum]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -288,7 +359,8 @@ def log_at_step(trainer: L.Trainer, step: int) -> None:
 class ValidationAtItsStep(L.Callback):
     """A fit's validation logs at the step its checkpoint, the summary and `validate` name (the
     optimizer steps taken); Lightning logs it at the index of the batch before, one less. The step
-    goes back before the checkpoint callbacks save the loop's state, which Lightning counts on."""
+    goes back when the validation ends, and checkpoints written during it record Lightning's own
+    (`on_save_checkpoint`), which a resume counts on."""
 
     def __init__(self) -> None:
         self.restore: int | None = None
@@ -302,6 +374,12 @@ class ValidationAtItsStep(L.Callback):
         if self.restore is not None:
             log_at_step(trainer, self.restore)
             self.restore = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint written during the validation (the best one, before the step goes back)
+        records Lightning's own step, so that a resume from it logs where the run would have."""
+        if self.restore is not None:
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] = self.restore
 
 
 def checkpoint_folder(config) -> Path | None:
