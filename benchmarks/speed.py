@@ -35,9 +35,9 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from tsa_lightning.accounting import report
-from tsa_lightning.budget import Budgets
+from tsa_lightning.budget import Budgets, probability
 from tsa_lightning.inference import generate_cached
-from tsa_lightning.model import TSAConfig, TSATransformer
+from tsa_lightning.model import TSAConfig, TSATransformer, skip_logit
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.retrofit import distillation_kl
 
@@ -389,7 +389,8 @@ def table(result: dict) -> str:
 
 
 def pair(args, data, device) -> tuple[TSALanguageModel, TSALanguageModel, float | None, str]:
-    """The dense and TSA modules, TSA's threshold (None: its own) and how the report names the pair."""
+    """The dense and TSA modules, TSA's threshold (--threshold, else a checkpoint's own: a budget's
+    calibrated one) and how the report names the pair."""
     if args.dense or args.tsa:
         if not (args.dense and args.tsa):
             raise SystemExit(
@@ -399,7 +400,10 @@ def pair(args, data, device) -> tuple[TSALanguageModel, TSALanguageModel, float 
             TSALanguageModel.load_from_checkpoint(p, map_location=device).eval()
             for p in (args.dense, args.tsa)
         )
-        return dense, tsa, args.threshold, "checkpoints"
+        threshold = (
+            tsa.skip_threshold if args.threshold is None else args.threshold
+        )  # a budget's own, calibrated
+        return dense, tsa, threshold, "checkpoints"
     config = replace(network(args.config_dict, data), gate="straight_through", dropout=0.0)
     modules = []
     for routing in ("none", "tsa"):
@@ -476,7 +480,7 @@ def main() -> None:
         "device": device.type,
         "pair": name,
         "shape": f"{c.n_layer}x{c.n_embd}, {c.n_head} heads, ctx {c.block_size}",
-        "skip_threshold": c.skip_threshold if threshold is None else threshold,
+        "skip_threshold": probability(skip_logit(c.skip_threshold if threshold is None else threshold)),
         **{part: parts[part]() for part in args.parts or parts},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

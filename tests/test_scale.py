@@ -56,6 +56,9 @@ def test_ddp_through_the_real_cli(small_corpus, tmp_path, strategy):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # the summary names the step reached and each validation (ddp_spawn's launcher trained nothing itself)
+    assert "Run finished at step 4." in result.stderr and "\n    | 4 | " in result.stderr
+    assert "sync_dist" not in result.stderr  # values the same on every rank are logged as such
     run = tmp_path / "runs" / "ddp"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]  # rank 0 alone writes
     assert (run / "version_0" / "config.yaml").is_file()

@@ -296,7 +296,7 @@ class TSALanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
         if self.elastic_range:
-            self.log_dict(self.grid_scores.logged(self.model.gated_blocks()))
+            self.log_dict(self.grid_scores.logged(self.model.gated_blocks()), sync_dist=True)
         if self.budget is None:
             return
         if self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
@@ -305,9 +305,9 @@ class TSALanguageModel(L.LightningModule):
         calibrated = self.budget.calibrate()
         if self.elastic_range:
             tags = [names.at_budget(b, "calibrated_threshold") for b in self.budget.budgets]
-            self.log_dict(dict(zip(tags, calibrated, strict=True)))
+            self.log_dict(dict(zip(tags, calibrated, strict=True)), sync_dist=True)
         else:
-            self.log(names.of_split("val", "calibrated_threshold"), calibrated[0])
+            self.log(names.of_split("val", "calibrated_threshold"), calibrated[0], sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
@@ -316,7 +316,8 @@ class TSALanguageModel(L.LightningModule):
         """The compute report of the whole split, all ranks summed (Lightning handles the loss metrics)."""
         metric = self.eval_compute[stage]
         fitting = self.trainer.state.fn == "fit"  # the HParams table's step column: steps trained
-        self.log(names.of_split(stage, "step"), float(self.global_step if fitting else self.trained_steps))
+        step = float(self.global_step if fitting else self.trained_steps)
+        self.log(names.of_split(stage, "step"), step, sync_dist=True)  # the same on every rank, as all below
         self._log_compute(stage, metric.compute())
         metric.reset()
 

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch import Trainer
 
 from tsa_lightning import names
-from tsa_lightning.runs import last_checkpoint, where_logged
+from tsa_lightning.runs import last_checkpoint, read_checkpoint, where_logged
 
 COLUMNS = {  # the validation history's columns: metric name -> heading
     names.loss("val", "hard"): "val bpc",
@@ -52,7 +52,14 @@ class ValidationHistory(L.Callback):
 
 
 def end_of_run(trainer: Trainer) -> str:
-    lines = [f"Run finished at step {trainer.global_step}."]
+    """The summary printed after `fit`. Under ddp_spawn the process that prints it trained nothing
+    itself: the step and the validation history come from the run's last.ckpt."""
+    last = last_checkpoint(trainer)
+    saved = read_checkpoint(last.path) if last is not None and last.path.is_file() else {}
+    history = next((c for c in trainer.callbacks if isinstance(c, ValidationHistory)), None)
+    if history is not None and not history.rows:
+        history.load_state_dict(saved.get("callbacks", {}).get(history.state_key, {"rows": []}))
+    lines = [f"Run finished at step {max(trainer.global_step, saved.get('global_step', 0))}."]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     labels = {
         names.loss("val", "hard"): "hard-mode bpc",
@@ -78,10 +85,8 @@ def end_of_run(trainer: Trainer) -> str:
     if budgets and None not in budgets.values():
         each = ", ".join(f"{b:.2f} {bpc:.4f}" for b, bpc in budgets.items())
         lines.append(f"  bpc by budget:   {each}")
-    history = next((c for c in trainer.callbacks if isinstance(c, ValidationHistory)), None)
     if history is not None and history.rows:
         lines += ["  validations:", *("    " + line for line in history.table().splitlines())]
-    last = last_checkpoint(trainer)
     if last is not None and last.path.is_file():
         lines.append(f"  final state:     {last.path}")
     best = trainer.checkpoint_callback
