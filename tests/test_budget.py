@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import cli_error, fit_on, quiet_trainer, tokens, write_corpus
+from tests.helpers import cli_error, fit_on, make, quiet_trainer, tokens, write_corpus
 from tsa_lightning.budget import Budgets, HaltQuantile, probability
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import Routing, TSAConfig
@@ -293,9 +293,14 @@ def test_a_batch_is_settled_only_when_each_budget_runs_its_share_within_the_tole
     valid = torch.ones(2, 1000, dtype=torch.bool)
     half, full = budgets.table_budgets.index(0.5), budgets.table_budgets.index(1.0)
     points = torch.tensor([half, full])
-    assert budgets.settled(halts, valid, points, torch.tensor([499.0, math.inf]))  # 500 of 1000 run
-    assert budgets.settled(halts, valid, points, torch.tensor([500.0, math.inf]))  # 0.501: within 0.002
-    assert not budgets.settled(halts, valid, points, torch.tensor([503.0, math.inf]))  # 0.504
-    assert not budgets.settled(halts, valid, points, torch.tensor([499.0, 989.0]))  # full depth skips 10
+    model = make()
+
+    def ran(thresholds: list[float]) -> torch.Tensor:  # hard mode's decisions at one threshold per row
+        return ~model.skips(halts, torch.tensor(thresholds))
+
+    assert budgets.settled(ran([499.0, math.inf]), valid, points)  # 500 of 1000 run
+    assert budgets.settled(ran([500.0, math.inf]), valid, points)  # 0.501: within 0.002
+    assert not budgets.settled(ran([503.0, math.inf]), valid, points)  # 0.504
+    assert not budgets.settled(ran([499.0, 989.0]), valid, points)  # full depth skips 10
     valid[0, 600:] = False  # padding counts nothing: 500 of 600 run
-    assert not budgets.settled(halts, valid, points, torch.tensor([499.0, math.inf]))
+    assert not budgets.settled(ran([499.0, math.inf]), valid, points)

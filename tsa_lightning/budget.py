@@ -263,10 +263,10 @@ class Budgets(nn.Module):
                 thresholds[rows] = order_statistic(halt_logits[rows][valid[rows]], self.table_budgets[k])
         return thresholds
 
-    def settled(self, halt_logits: Tensor, valid: Tensor, points: Tensor, thresholds: Tensor) -> bool:
-        """Whether each budget's rows ran (at `thresholds`, one per row) within SETTLED of its share."""
-        points = points.to(halt_logits.device)
-        run = halt_logits <= thresholds.to(halt_logits.device).view(-1, *[1] * (halt_logits.dim() - 1))
+    def settled(self, run: Tensor, valid: Tensor, points: Tensor) -> bool:
+        """Whether each budget's rows ran (`run` (B, T, L-1): hard mode's decisions, as
+        `TSATransformer.skips` makes them) within SETTLED of its share."""
+        points = points.to(run.device)
         for k in points.unique().tolist():
             rows = points == k
             if (

@@ -11,7 +11,7 @@ from tsa_lightning import names
 from tsa_lightning.budget import REFINEMENTS, Budgets
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.metrics import Bits, ComputeMetric
-from tsa_lightning.model import Routing, TSAConfig, TSATransformer, skip_logit
+from tsa_lightning.model import Routing, TSAConfig, TSATransformer
 from tsa_lightning.retrofit import distillation_kl
 
 
@@ -60,7 +60,7 @@ class GridScores(nn.Module):
             threshold = start[points.to(start.device)]
             logits, _, routing = model(x, mode="hard", threshold=threshold)
             for _ in range(REFINEMENTS if thorough else 0):
-                if budget.settled(routing.halt_logits, valid, points, skip_logit(threshold)):
+                if budget.settled(~model.skips(routing.halt_logits, threshold), valid, points):
                     break
                 threshold = budget.batch_thresholds(routing.halt_logits, valid, points)
                 logits, _, routing = model(x, mode="hard", threshold=threshold)
