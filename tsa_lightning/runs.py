@@ -133,8 +133,7 @@ class LastCheckpoint(Checkpoint):
         logged every later point one step late."""
         checkpoint["log_version"] = trainer.logger.version if trainer.logger is not None else None
         if self.ending:
-            loop = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
-            loop["_batches_that_stepped"] = max(0, loop["_batches_that_stepped"] - 1)
+            record_logged_step(checkpoint, max(0, logged_step(trainer) - 1))
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -164,7 +163,7 @@ def rebased(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
     for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
         record[key] = moved(state.get(key) or "")
     record["best_k_models"] = {
-        moved(path): score for path, score in state.get("best_k_models", {}).items() if moved(path)
+        here: score for path, score in state.get("best_k_models", {}).items() if (here := moved(path))
     }
     return record
 
@@ -229,10 +228,7 @@ class GracefulStop(L.Callback):
         signum = signal.Signals(self.signum or signal.SIGTERM)
         path = self.save(trainer)
         exception.code = EXIT_CODES[signum]
-        exception.add_note(
-            f"stopped by {signum.name} at step {trainer.global_step}; saved {path}. "
-            "Resume with the same command plus --ckpt_path last"
-        )
+        exception.add_note(stop_note(signum, f"step {trainer.global_step}", path))
 
     @staticmethod
     def save(trainer: L.Trainer) -> Path:
@@ -276,8 +272,13 @@ class ForwardSignals:
         step = "the last step saved"
         if cls.last is not None and cls.last.is_file():
             step = f"step {read_checkpoint(cls.last)['global_step']}"
-        resume = "Resume with the same command plus --ckpt_path last"
-        return f"stopped by {signum.name} at {step}; saved {cls.last}. {resume}", EXIT_CODES[signum]
+        return stop_note(signum, step, cls.last), EXIT_CODES[signum]
+
+
+def stop_note(signum: signal.Signals, step: str, path: Path | None) -> str:
+    """The line a run stopped by a signal ends with."""
+    resume = "Resume with the same command plus --ckpt_path last"
+    return f"stopped by {signum.name} at {step}; saved {path}. {resume}"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -341,8 +342,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 # Lightning (2.4-2.6) logs every scalar at `fit_loop.epoch_loop._batches_that_stepped` and offers no
-# public way to read or set it; `validate` and `test` of a checkpoint would log at step 0. These two
-# functions are the only place that touches it (tests/test_cli.py checks that they still work).
+# public way to read or set it; `validate` and `test` of a checkpoint would log at step 0. These three
+# functions are the only place that touches it (tests/test_cli.py and the resume tests of
+# tests/test_resume.py fail when it changes).
 
 
 def logged_step(trainer: L.Trainer) -> int:
@@ -354,6 +356,11 @@ def logged_step(trainer: L.Trainer) -> int:
 def log_at_step(trainer: L.Trainer, step: int) -> None:
     """Make Lightning log what follows at `step`."""
     trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def record_logged_step(checkpoint: dict, step: int) -> None:
+    """Make a checkpoint being written record `step` as the step a resume logs from."""
+    checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] = step
 
 
 class ValidationAtItsStep(L.Callback):
@@ -379,7 +386,7 @@ class ValidationAtItsStep(L.Callback):
         """A checkpoint written during the validation (the best one, before the step goes back)
         records Lightning's own step, so that a resume from it logs where the run would have."""
         if self.restore is not None:
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] = self.restore
+            record_logged_step(checkpoint, self.restore)
 
 
 def checkpoint_folder(config) -> Path | None:
