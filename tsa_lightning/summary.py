@@ -55,11 +55,14 @@ def end_of_run(trainer: Trainer) -> str:
     """The summary printed after `fit`. Under ddp_spawn the process that prints it trained nothing
     itself: the step and the validation history come from the run's last.ckpt."""
     last = last_checkpoint(trainer)
-    saved = read_checkpoint(last.path) if last is not None and last.path.is_file() else {}
     history = next((c for c in trainer.callbacks if isinstance(c, ValidationHistory)), None)
-    if history is not None and not history.rows:
-        history.load_state_dict(saved.get("callbacks", {}).get(history.state_key, {"rows": []}))
-    lines = [f"Run finished at step {max(trainer.global_step, saved.get('global_step', 0))}."]
+    step = trainer.global_step
+    if step == 0 and last is not None and last.path.is_file():  # trained elsewhere: ddp_spawn's workers
+        saved = read_checkpoint(last.path)
+        step = saved["global_step"]
+        if history is not None:
+            history.load_state_dict(saved.get("callbacks", {}).get(history.state_key, {"rows": []}))
+    lines = [f"Run finished at step {step}."]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     labels = {
         names.loss("val", "hard"): "hard-mode bpc",
