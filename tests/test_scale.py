@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import REPO, TINY_OPTIONS, cli, fit, scalars
+from tests.helpers import REPO, TINY_OPTIONS, cli, fit, fit_args, scalars
 from tsa_lightning.data import ContiguousWindows, TextDataModule
 
 
@@ -136,24 +136,18 @@ def test_ddp_spawn_stopped_by_a_signal_saves_the_step_reached_and_leaves_no_work
     it, exit; the command exits 143 or 130 naming the step. Without care the launcher died at once
     (-15) and left its workers behind, or hung waiting for their results."""
     name = f"spawned_{signum.name}"
-    args = [
-        "fit",
-        f"--config={REPO / 'configs' / 'shakespeare_cpu.yaml'}",
-        "--data=tsa_lightning.data.TextDataModule",
-        f"--data.init_args.path={small_corpus}",
-        "--data.init_args.block_size=16",
+    args = fit_args(
+        small_corpus,
         "--data.init_args.batch_size=4",
-        *TINY_OPTIONS,
         "--trainer.strategy=ddp_spawn",
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
         "--trainer.max_steps=100000",
         "--trainer.val_check_interval=100000",
-        "--trainer.enable_progress_bar=false",
         "--last_checkpoint.every_n_train_steps=5",
         "--trainer.log_every_n_steps=1",
         f"--trainer.logger.init_args.name={name}",
-    ]
+    )
     last = tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
     launcher = subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), *args],
