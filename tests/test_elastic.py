@@ -241,6 +241,25 @@ def test_a_top_share_trains_the_highest_budget_on_its_share_of_rows_and_the_grid
         assert torch.equal(interleaved(*(budget.rows(32, step, rank, 2) for rank in (0, 1))), rows)
 
 
+def test_progressive_shrinking_trains_full_depth_first_then_opens_the_grid_downwards():
+    budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5, shrink_steps=[10, 24])
+    grid = len(budget.budgets)
+    lowest = []
+    for step in range(30):
+        rows = budget.rows(32, step)
+        assert torch.equal(interleaved(*(budget.rows(16, step, rank, 2) for rank in (0, 1))), rows)
+        drawn = set(rows.tolist())
+        assert drawn == set(range(grid - len(drawn), grid))  # the highest budgets, none skipped over
+        lowest.append(min(drawn))
+    assert lowest[:10] == [grid - 1] * 10  # full depth only
+    assert lowest == sorted(lowest, reverse=True)  # the range only widens
+    assert grid - 1 > lowest[17] > 0  # half-way: part of the range
+    assert lowest[24:] == [0] * 6  # the whole range from the end on
+    logits = torch.randn(32, 8, 3)
+    budget.follow(logits, step=3)  # every row at full depth: no finite threshold moves
+    assert torch.equal(budget.running[:-1], Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5).running[:-1])
+
+
 def test_the_rows_below_full_depth_learn_from_the_full_depth_prediction_of_their_own_text():
     torch.manual_seed(0)
     config = TSAConfig(vocab_size=11, routing="tsa", gate="unit", **SHAPE)
@@ -310,6 +329,9 @@ def test_under_ddp_every_window_trains_at_the_budget_one_process_gives_it(small_
         ({"elastic_budgets": [0.349, 1.0]}, "multiples of 0.01"),
         ({"elastic_budgets": [0.5, 1.0], "elastic_top_share": 1.0}, "elastic_top_share"),
         ({"elastic_top_share": 0.5}, "set --model.elastic_budgets too"),
+        ({"elastic_shrink_steps": [0, 10]}, "set --model.elastic_budgets too"),
+        ({"elastic_budgets": [0.5, 1.0], "elastic_shrink_steps": [10, 5]}, "0 <= start <= end"),
+        ({"elastic_budgets": [0.5, 1.0], "elastic_shrink_steps": [10]}, "elastic_shrink_steps must be"),
     ],
 )
 def test_impossible_elastic_options_are_refused(options, message):

@@ -149,7 +149,9 @@ class Budgets(nn.Module):
     budget). Budget 1.0's threshold is +inf: nothing skips, whatever p is.
 
     Rows: each step spreads the grid over the global batch's rows, row r training grid point
-    (r + step) mod G, a share `top_share` of the rows the highest budget (`rows`). When the global
+    (r + step) mod G, a share `top_share` of the rows the highest budget (`rows`); progressive
+    shrinking (`shrink_steps`, as Once-for-All trains elastic depth) first trains only the highest,
+    then opens the grid downwards. When the global
     batch has at least G rows every step trains the smallest and the largest budget beside the ones
     between (the sandwich rule, in one pass). Rows are numbered as one process's batch would hold
     them (DDP deals a batch's windows to the ranks in turn), so DDP trains what one process would.
@@ -168,9 +170,11 @@ class Budgets(nn.Module):
         initial: float,
         default: float | None = None,
         top_share: float = 0.0,
+        shrink_steps: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.budgets, self.momentum, self.top_share = budgets, momentum, top_share
+        self.shrink_steps = shrink_steps
         self.budget = budgets[-1] if default is None else default
         self.table_budgets = table_grid(budgets)
         first = min(max(skip_logit(initial), -START_LIMIT), START_LIMIT)  # a threshold of 0 or 1 can move
@@ -208,7 +212,20 @@ class Budgets(nn.Module):
         tops_so_far = torch.floor((row + 1) * self.top_share)  # top rows up to this one, itself included
         top = tops_so_far > torch.floor(row * self.top_share)
         others_before = (row - tops_so_far).long()
-        return torch.where(top, len(self.budgets) - 1, (others_before + step) % len(self.budgets))
+        drawn = self.drawn(step)  # the highest `drawn` grid points
+        highest = len(self.budgets) - 1
+        return torch.where(top, highest, highest + 1 - drawn + (others_before + step) % drawn)
+
+    def drawn(self, step: int) -> int:
+        """How many grid points, from the highest down, the rows of a step take: all of them, or under
+        progressive shrinking (`shrink_steps` [start, end]) only the highest before `start`, then a
+        lowest budget that falls linearly to the range's by `end`."""
+        if self.shrink_steps is None or step >= self.shrink_steps[1]:
+            return len(self.budgets)
+        start, end = self.shrink_steps
+        low, high = self.budgets[0], self.budgets[-1]
+        lowest = high - (high - low) * max(step - start + 1, 0) / (end - start + 1)
+        return sum(b >= lowest - 1e-9 for b in self.budgets)
 
     def row_thresholds(self, batch_size: int, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
         """Training's threshold for each row (B,) of a rank's batch."""

@@ -57,6 +57,10 @@ class TSALanguageModel(L.LightningModule):
             calibrated every 0.01 of budget. None: one budget, or none.
         elastic_top_share: share of each batch's rows that train at the highest elastic budget; the
             others take the grid's budgets in turn (0: every budget alike).
+        elastic_shrink_steps: [start, end] steps of progressive shrinking: before `start` every row
+            trains the highest budget (the dense network, under the unit gate), then the lowest
+            budget the rows take falls linearly to the range's by `end`. None: the whole range
+            from the first step.
         budget_momentum: share of the way (in log-odds) the training threshold moves towards each
             batch's budget-quantile of the router logits.
         init_from: a dense checkpoint (routing "none") of the same trunk to start from (retrofitting);
@@ -80,6 +84,7 @@ class TSALanguageModel(L.LightningModule):
         compute_budget: float | None = None,
         elastic_budgets: list[float] | None = None,
         elastic_top_share: float = 0.0,
+        elastic_shrink_steps: list[int] | None = None,
         budget_momentum: float = 0.1,
         init_from: str | None = None,
         distill_weight: float = 0.0,
@@ -104,13 +109,27 @@ class TSALanguageModel(L.LightningModule):
             check_budget(self.model, low, budget_momentum, depth_loss_weight, option="elastic_budgets")
             if not 0.0 <= elastic_top_share < 1.0:
                 raise ConfigError(f"elastic_top_share must be in [0, 1), got {elastic_top_share}")
+            if elastic_shrink_steps is not None and not (
+                len(elastic_shrink_steps) == 2 and 0 <= elastic_shrink_steps[0] <= elastic_shrink_steps[1]
+            ):
+                raise ConfigError(
+                    f"elastic_shrink_steps must be [start, end] steps with 0 <= start <= end, got "
+                    f"{elastic_shrink_steps}"
+                )
             self.budget = Budgets.elastic(
-                low, high, budget_momentum, initial, default=compute_budget, top_share=elastic_top_share
+                low,
+                high,
+                budget_momentum,
+                initial,
+                default=compute_budget,
+                top_share=elastic_top_share,
+                shrink_steps=elastic_shrink_steps,
             )
-        elif elastic_top_share:
+        elif elastic_top_share or elastic_shrink_steps is not None:
+            option = "elastic_top_share" if elastic_top_share else "elastic_shrink_steps"
             raise ConfigError(
-                "elastic_top_share shares a batch between the budgets of elastic_budgets; set "
-                "--model.elastic_budgets too, or leave elastic_top_share at 0"
+                f"{option} shapes how a batch shares the budgets of elastic_budgets; set "
+                f"--model.elastic_budgets too, or leave {option} out"
             )
         elif compute_budget is not None:
             check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
