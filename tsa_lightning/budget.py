@@ -111,6 +111,41 @@ GRID_EVERY = 2  # while training, an elastic validation scores its grid on every
 SHOWN = (1.0, 0.85, 0.7, 0.5)  # the budgets an elastic run's chart and summary show, besides its ends
 
 
+def budgets_for(
+    model: TSATransformer,
+    compute_budget: float | None,
+    elastic_budgets: list[float] | None,
+    top_share: float,
+    shrink_steps: list[int] | None,
+    momentum: float,
+    depth_loss_weight: float,
+) -> Budgets | None:
+    """The budgets a module's options ask for (None: none), each impossible option refused in one line."""
+    initial = model.config.skip_threshold
+    if elastic_budgets is None:
+        if top_share or shrink_steps is not None:
+            option = "elastic_top_share" if top_share else "elastic_shrink_steps"
+            raise ConfigError(
+                f"{option} shapes how a batch shares the budgets of elastic_budgets; set "
+                f"--model.elastic_budgets too, or leave {option} out"
+            )
+        if compute_budget is None:
+            return None
+        check_budget(model, compute_budget, momentum, depth_loss_weight)
+        return Budgets([compute_budget], momentum, initial)
+    low, high = check_elastic(elastic_budgets, compute_budget)
+    check_budget(model, low, momentum, depth_loss_weight, option="elastic_budgets")
+    if not 0.0 <= top_share < 1.0:
+        raise ConfigError(f"elastic_top_share must be in [0, 1), got {top_share}")
+    if shrink_steps is not None and not (len(shrink_steps) == 2 and 0 <= shrink_steps[0] <= shrink_steps[1]):
+        raise ConfigError(
+            f"elastic_shrink_steps must be [start, end] steps with 0 <= start <= end, got {shrink_steps}"
+        )
+    return Budgets.elastic(
+        low, high, momentum, initial, default=compute_budget, top_share=top_share, shrink_steps=shrink_steps
+    )
+
+
 def budget_grid(low: float, high: float) -> list[float]:
     """`low`, `high` and the multiples of GRID_STEP between them."""
     inner = range(math.floor(low / GRID_STEP + 1e-9) + 1, math.ceil(high / GRID_STEP - 1e-9))

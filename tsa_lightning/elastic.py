@@ -3,12 +3,14 @@ scores (and calibrates) every budget of the grid."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tsa_lightning import names
-from tsa_lightning.budget import REFINEMENTS, Budgets
+from tsa_lightning.budget import REFINEMENTS, THOROUGH_BATCHES, Budgets
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.metrics import Bits, ComputeMetric
 from tsa_lightning.model import Routing, TSAConfig, TSATransformer
@@ -46,13 +48,20 @@ class GridScores(nn.Module):
         batch: tuple[Tensor, Tensor],
         batch_idx: int,
         thorough: bool,
+        batches: float = 1,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        """Run the batch at the budgets `budget.validation_passes` deals its rows, observing each
-        row's router logits for calibration. Thorough: each pass's thresholds are refined on the
-        batch (a moved threshold changes later routers' logits) until the batch runs its budget's
-        share within SETTLED, at most REFINEMENTS times; the last pass is the one observed."""
+        """Run validation batch `batch_idx` of `batches` at the budgets `budget.validation_passes`
+        deals its rows, observing each row's router logits for calibration. While training, an
+        elastic model's rows take the grid's budgets in turn. The last validation of a fit and
+        `validate` calibrate thoroughly, so that any budget evaluation and sampling ask for lands on
+        the whole split: every table budget (every 0.01) on THOROUGH_BATCHES batches spread over
+        the split, each pass's thresholds refined on its batch (a moved threshold changes later
+        routers' logits) until the batch runs its budget's share within SETTLED, at most
+        REFINEMENTS times; the last pass is the one observed."""
+        if thorough and batch_idx % (math.ceil(batches / THOROUGH_BATCHES) if math.isfinite(batches) else 1):
+            return  # 71 budgets' passes cost many: every THOROUGH_BATCHES-th part of the split
         x, y = batch
         start = budget.validation_thresholds()
         valid = y != IGNORE_INDEX

@@ -6,11 +6,12 @@ import math
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric, Metric, MetricCollection
 
+from tsa_lightning import names
 from tsa_lightning.accounting import ComputeReport, summarize, tally
 from tsa_lightning.data import IGNORE_INDEX
-from tsa_lightning.model import Routing, TSAConfig
+from tsa_lightning.model import MODES, Routing, TSAConfig
 
 
 class ComputeMetric(Metric):
@@ -54,3 +55,16 @@ class Bits(Nats):
 class Perplexity(Nats):
     def compute(self) -> Tensor:
         return torch.exp(super().compute())
+
+
+def loss_metrics() -> torch.nn.ModuleDict:
+    """One loss collection per stage and mode (`<stage>_<mode>`), so that Lightning computes, syncs
+    and resets each, logged under `names.loss`."""
+    losses = MetricCollection({"loss": Nats(), "bpc": Bits(), "ppl": Perplexity()}, compute_groups=False)
+    return torch.nn.ModuleDict(
+        {
+            f"{stage}_{mode}": losses.clone(prefix=names.loss(stage, mode, ""))
+            for stage in names.STAGES
+            for mode in MODES
+        }
+    )

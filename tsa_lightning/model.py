@@ -385,7 +385,7 @@ class TSATransformer(nn.Module):
         With `input_pos` (after `set_kv_cache`), idx holds positions input_pos.. of a sequence whose
         earlier keys and values are cached: the same blocks and routing serve incremental decoding.
         """
-        if mode not in ("soft", "hard"):
+        if mode not in MODES:
             raise ConfigError(f"mode must be 'soft' or 'hard', got {mode!r}")
         B, T = idx.shape
         start = 0 if input_pos is None else input_pos

@@ -8,20 +8,20 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
 
 from tsa_lightning import names
 from tsa_lightning.accounting import ComputeReport, report
 from tsa_lightning.baselines import build_model
-from tsa_lightning.budget import THOROUGH_BATCHES, Budgets, check_budget, check_elastic
+from tsa_lightning.budget import budgets_for
 from tsa_lightning.compatibility import check_checkpoint
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.elastic import GridScores, full_depth_kl
 from tsa_lightning.errors import ConfigError, TrainingDiverged, check_range
 from tsa_lightning.inference import check_sampling, generate_cached
-from tsa_lightning.metrics import Bits, ComputeMetric, Nats, Perplexity
+from tsa_lightning.metrics import ComputeMetric, loss_metrics
 from tsa_lightning.model import MODES, Mode, Routing, TSAConfig, TSATransformer
+from tsa_lightning.optimisation import adamw_warmup_cosine, check_optimisation
 from tsa_lightning.retrofit import distillation_kl, load_dense_trunk
 from tsa_lightning.runs import log_at_step
 
@@ -102,38 +102,15 @@ class TSALanguageModel(L.LightningModule):
                 f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
             )
         self.model = build_model(self.config)
-        self.budget: Budgets | None = None
-        initial = self.config.skip_threshold
-        if elastic_budgets is not None:
-            low, high = check_elastic(elastic_budgets, compute_budget)
-            check_budget(self.model, low, budget_momentum, depth_loss_weight, option="elastic_budgets")
-            if not 0.0 <= elastic_top_share < 1.0:
-                raise ConfigError(f"elastic_top_share must be in [0, 1), got {elastic_top_share}")
-            if elastic_shrink_steps is not None and not (
-                len(elastic_shrink_steps) == 2 and 0 <= elastic_shrink_steps[0] <= elastic_shrink_steps[1]
-            ):
-                raise ConfigError(
-                    f"elastic_shrink_steps must be [start, end] steps with 0 <= start <= end, got "
-                    f"{elastic_shrink_steps}"
-                )
-            self.budget = Budgets.elastic(
-                low,
-                high,
-                budget_momentum,
-                initial,
-                default=compute_budget,
-                top_share=elastic_top_share,
-                shrink_steps=elastic_shrink_steps,
-            )
-        elif elastic_top_share or elastic_shrink_steps is not None:
-            option = "elastic_top_share" if elastic_top_share else "elastic_shrink_steps"
-            raise ConfigError(
-                f"{option} shapes how a batch shares the budgets of elastic_budgets; set "
-                f"--model.elastic_budgets too, or leave {option} out"
-            )
-        elif compute_budget is not None:
-            check_budget(self.model, compute_budget, budget_momentum, depth_loss_weight)
-            self.budget = Budgets([compute_budget], budget_momentum, initial)
+        self.budget = budgets_for(
+            self.model,
+            compute_budget,
+            elastic_budgets,
+            elastic_top_share,
+            elastic_shrink_steps,
+            budget_momentum,
+            depth_loss_weight,
+        )
         if distill_weight and init_from is None and elastic_budgets is None:
             raise ConfigError(
                 "distill_weight needs a teacher: init_from (a dense checkpoint) or elastic_budgets "
@@ -144,15 +121,7 @@ class TSALanguageModel(L.LightningModule):
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
         self.trained_steps = 0  # a loaded checkpoint's step
         self.codec = Codec(alphabet)
-        # one collection per stage and mode, so that Lightning computes, syncs and resets each
-        losses = MetricCollection({"loss": Nats(), "bpc": Bits(), "ppl": Perplexity()}, compute_groups=False)
-        self.eval_loss = torch.nn.ModuleDict(
-            {
-                f"{stage}_{mode}": losses.clone(prefix=names.loss(stage, mode, ""))
-                for stage in names.STAGES
-                for mode in MODES
-            }
-        )
+        self.eval_loss = loss_metrics()
         self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in names.STAGES})
         # an elastic model's validation scores every budget of its grid
         self.grid_scores = GridScores(self.config, self.budget.budgets if self.elastic_range else [])
@@ -278,28 +247,17 @@ class TSALanguageModel(L.LightningModule):
         valid = y != IGNORE_INDEX
         if stage == "val" and self.budget is not None:
             thorough = self.trainer.state.fn != "fit" or self.global_step >= self.trainer.max_steps
-            if thorough or self.elastic_range:
-                self._calibrate(batch, batch_idx, thorough)
+            if thorough or self.elastic_range:  # hard-mode passes that calibrate (and score a grid)
+                batches, world = self.trainer.num_val_batches[0], self.trainer.world_size
+                self.grid_scores.update(
+                    self.model, self.budget, batch, batch_idx, thorough, batches, self.global_rank, world
+                )
             else:  # one budget while training: the pass above, at training's threshold
                 self.budget.observe(routings["hard"].halt_logits, valid)
         # the paper's metric is soft (as published) where soft mode is causal; executed work is hard mode's
         soft = routings.get("soft", routings["hard"])
         self.eval_compute[stage].update(Routing(soft.halt_probs, routings["hard"].executed), valid)
         return routings
-
-    def _calibrate(self, batch: tuple[Tensor, Tensor], batch_idx: int, thorough: bool) -> None:
-        """Budgets calibrated (and an elastic grid scored) in hard mode. While training, an elastic
-        model runs one pass whose rows take the grid's budgets in turn. The last validation of a fit
-        and `validate` calibrate thoroughly: every table budget (every 0.01) on THOROUGH_BATCHES
-        batches spread over the split, each batch's thresholds first refined on it, so that any
-        budget evaluation and sampling ask for lands on the whole split."""
-        if thorough:  # every THOROUGH_BATCHES-th part of the split: 71 budgets' passes cost many
-            batches = self.trainer.num_val_batches[0]
-            stride = math.ceil(batches / THOROUGH_BATCHES) if math.isfinite(batches) else 1
-            if batch_idx % stride:
-                return
-        rank, world = self.global_rank, self.trainer.world_size
-        self.grid_scores.update(self.model, self.budget, batch, batch_idx, thorough, rank, world)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Routing]:
         return self._evaluate(batch, "val", batch_idx)
@@ -387,22 +345,15 @@ class TSALanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self.model.param_groups(hp.weight_decay), lr=hp.learning_rate, betas=hp.betas
+        return adamw_warmup_cosine(
+            self.model,
+            hp.learning_rate,
+            hp.min_learning_rate,
+            hp.warmup_steps,
+            hp.weight_decay,
+            hp.betas,
+            self.trainer.max_steps,
         )
-        total = self.trainer.max_steps
-        if total is None or total < 0:
-            raise ConfigError("set trainer.max_steps: the learning-rate schedule decays by step")
-
-        def lr_factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            floor = hp.min_learning_rate / hp.learning_rate
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()
     def sample(
@@ -427,16 +378,3 @@ class TSALanguageModel(L.LightningModule):
         threshold = self.threshold_at(budget) if threshold is None else threshold
         out = generate_cached(self.model, [idx], max_new_tokens, temperature, top_k, threshold, mode, compile)
         return self.codec.decode(out[0][len(idx) :])
-
-
-def check_optimisation(
-    learning_rate: float, min_learning_rate: float, warmup_steps: int, weight_decay: float, betas: tuple
-) -> None:
-    """The optimiser's options, refused in one line each when AdamW or the schedule cannot use them."""
-    if not learning_rate > 0:
-        raise ConfigError(f"--model.learning_rate must be > 0, got {learning_rate}")
-    check_range("model.min_learning_rate", min_learning_rate, 0, learning_rate)
-    check_range("model.warmup_steps", warmup_steps, 0)
-    check_range("model.weight_decay", weight_decay, 0)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ConfigError(f"--model.betas must be two numbers in [0, 1), got {list(betas)}")
