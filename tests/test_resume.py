@@ -152,9 +152,13 @@ class SignalDuringValidation(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_a_signal_during_validation_saves_and_the_resume_finishes(tmp_path):
+def test_a_signal_during_validation_saves_and_the_resume_runs_that_validation_again(tmp_path):
+    """The validation at step 4 is cut short by the signal; the resumed run runs it again from its
+    first batch, and logs every scalar at the step and with the value of an uninterrupted run."""
     corpus = write_corpus(tmp_path / "corpus.txt")
-    args = fit_args(corpus, "--trainer.max_steps=8", "--trainer.val_check_interval=4")
+    args = fit_args(
+        corpus, "--trainer.max_steps=8", "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=1"
+    )
     folder = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints"
     env = {"PYTHONPATH": str(REPO)}
     stopped = cli(
@@ -167,6 +171,14 @@ def test_a_signal_during_validation_saves_and_the_resume_finishes(tmp_path):
     resumed = cli(*args, "--ckpt_path=last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert step_of(folder / "last.ckpt") == 8 and "last.ckpt" in checkpoints(folder)
+    full = cli(*args, "--trainer.logger.init_args.name=full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    full_logs, resumed_logs = tmp_path / "runs" / "full" / "version_0", folder.parent / "version_0"
+    events = EventAccumulator(str(full_logs), size_guidance={"scalars": 0})
+    events.Reload()
+    assert 4 in scalars(full_logs, "val/hard/bpc", 0)
+    for tag in events.Tags()["scalars"]:
+        assert scalars(resumed_logs, tag, 0) == scalars(full_logs, tag, 0), tag
 
 
 def test_a_copied_run_folder_resumes_from_its_newest_state_and_leaves_the_original(tmp_path):

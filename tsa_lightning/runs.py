@@ -363,11 +363,24 @@ def record_logged_step(checkpoint: dict, step: int) -> None:
     checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] = step
 
 
+def rerun_validation_on_resume(checkpoint: dict) -> None:
+    """Make a checkpoint written in the middle of a fit's validation (a signal stopped it) resume by
+    running that validation again from its first batch. Lightning 2.6 resumes such a checkpoint
+    with the validation skipped, and re-runs one only when the checkpoint says a batch of it had
+    started but not finished; its scores are never in a checkpoint, so the whole pass runs again."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    before = progress["total"]["completed"] - progress["current"]["completed"]  # earlier validations' batches
+    progress["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["is_last_batch"] = False
+
+
 class ValidationAtItsStep(L.Callback):
     """A fit's validation logs at the step its checkpoint, the summary and `validate` name (the
     optimizer steps taken); Lightning logs it at the index of the batch before, one less. The step
     goes back when the validation ends, and checkpoints written during it record Lightning's own
-    (`on_save_checkpoint`), which a resume counts on."""
+    (`on_save_checkpoint`), which a resume counts on; one written before it ended (a signal) makes
+    the resume run it again."""
 
     def __init__(self) -> None:
         self.restore: int | None = None
@@ -387,6 +400,8 @@ class ValidationAtItsStep(L.Callback):
         records Lightning's own step, so that a resume from it logs where the run would have."""
         if self.restore is not None:
             record_logged_step(checkpoint, self.restore)
+            if not checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["is_last_batch"]:
+                rerun_validation_on_resume(checkpoint)
 
 
 def checkpoint_folder(config) -> Path | None:
