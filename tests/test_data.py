@@ -1,5 +1,6 @@
 import hashlib
 import re
+import threading
 import zipfile
 from pathlib import Path
 
@@ -104,6 +105,46 @@ def test_missing_offline_says_what_to_do_and_touches_nothing(tmp_path):
     assert snapshot(tmp_path) == before and not target.exists() and not target.parent.exists()
     with pytest.raises(CorpusError, match="does not exist"):
         dm.setup()
+
+
+@pytest.mark.parametrize("first_to_fail", ["the run that made the folder", "the other"])
+def test_two_first_runs_on_one_offline_folder_both_fail_in_one_line_and_leave_no_folder(
+    tmp_path, monkeypatch, first_to_fail
+):
+    """Two processes start on one new data folder at once, and each download fails while the other
+    is still under way in that folder, in either order."""
+    target = tmp_path / "data" / "corpus" / "input.txt"
+    maker, other = (TextDataModule(str(target), url="http://127.0.0.1:9/input.txt").corpus for _ in range(2))
+    under_way = {id(maker): threading.Event(), id(other): threading.Event()}
+    failed = {id(maker): threading.Event(), id(other): threading.Event()}
+    errors = []
+
+    def offline(corpus, tmp):
+        under_way[id(corpus)].set()
+        partner = other if corpus is maker else maker
+        under_way[id(partner)].wait(10)
+        if (corpus is maker) != (first_to_fail == "the run that made the folder"):
+            failed[id(partner)].wait(10)  # this one fails second
+        raise CorpusError("offline")
+
+    def run(corpus):
+        try:
+            corpus.prepare()
+        except Exception as e:
+            errors.append(e)
+        finally:
+            failed[id(corpus)].set()
+
+    monkeypatch.setattr(type(maker), "fetch", offline)
+    first = threading.Thread(target=run, args=(maker,))
+    first.start()
+    under_way[id(maker)].wait(10)  # the folder is made, the first download under way
+    second = threading.Thread(target=run, args=(other,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert [str(e) for e in errors] == ["offline", "offline"], errors  # one line each, no OSError
+    assert list(tmp_path.iterdir()) == []  # no folder left, whichever run made it
 
 
 def test_char_vocabulary_needs_the_file(tmp_path):

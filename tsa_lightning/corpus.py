@@ -9,8 +9,11 @@ loaders) lives in `data.py`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -93,6 +96,13 @@ class Codec:
     @property
     def described(self) -> str:
         return "bytes (256 ids)" if self.alphabet is None else f"{len(self.alphabet)} characters"
+
+
+def made_by_downloads(folder: Path) -> int:
+    """How many folders, from `folder` up, the downloads under way in it made: each download's
+    temporary folder beside the corpus is named `.download-<that many>-...`."""
+    entries = folder.iterdir() if folder.is_dir() else []
+    return max((int(m[1]) for e in entries if (m := re.match(r"\.download-(\d+)-", e.name))), default=0)
 
 
 @dataclass
@@ -207,15 +217,22 @@ class Corpus:
         """Make the file exist (unpack a local archive, else download), verified before it is moved in."""
         if self.path.exists() or not (self.url or self.archive):
             return
-        created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        # the folders this download makes, or another download of it under way made (two first runs
+        # on one data folder): a failed download leaves none of them behind
+        folders = [self.path.parent, *self.path.parent.parents]
+        made = sum(1 for _ in itertools.takewhile(lambda p: not p.exists(), folders))
+        created = folders[: max(made, made_by_downloads(self.path.parent))]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with tempfile.TemporaryDirectory(dir=self.path.parent, prefix=".download-") as tmp:
+            with tempfile.TemporaryDirectory(
+                dir=self.path.parent, prefix=f".download-{len(created)}-"
+            ) as tmp:
                 self.verify(candidate := self.fetch(Path(tmp)))
                 os.replace(candidate, self.path)
         except CorpusError:
-            for folder in created:  # leave no empty folders behind a failed download
-                folder.rmdir()
+            for folder in created:
+                with contextlib.suppress(OSError):  # another download is still under way in it
+                    folder.rmdir()
             raise
 
     def fetch(self, tmp: Path) -> Path:
