@@ -241,3 +241,18 @@ def test_a_resumed_fit_is_timed_without_the_hours_between_its_stop_and_its_resum
         (tmp_path / name).write_text(config)
         os.utime(tmp_path / name, (stamp, stamp))
     assert training(tmp_path) == (100 + 50, 30)
+
+
+def test_a_retrofits_training_time_counts_the_dense_twin_it_starts_from():
+    suite = importlib.import_module("suite")
+    runs = {
+        "dense": [{"train_seconds": 100.0}],
+        "dense_2_blocks": [{"train_seconds": 40.0}],
+        "elastic_budget_1": [{"train_seconds": 120.0}],
+        "retrofit_elastic_budget_1": [{"train_seconds": 30.0}],
+    }
+    results = {"runs": runs, "summary": {name: {} for name in runs}}
+    cost = suite.training_cost(results, suite.SUITES["pareto"])
+    assert cost["elastic_vs_dense"] == pytest.approx(1.2)
+    assert cost["retrofit_elastic"] == 130.0 and cost["retrofit_elastic_vs_dense"] == pytest.approx(1.3)
+    assert cost["dense_family_sum"] == 140.0
