@@ -41,7 +41,7 @@ from tsa_lightning.model import TSAConfig, TSATransformer, skip_logit
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.retrofit import distillation_kl
 
-PARTS = ("forward", "decode", "skip_sweep", "sample", "train", "memory")
+PARTS = ("forward", "decode", "skip_sweep", "sample", "train", "validation", "memory")
 
 
 class PlainGPT(nn.Module):
@@ -251,9 +251,9 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
     }
     x = torch.randint(0, tsa_config.vocab_size, (batch, ctx), device=device)
 
-    def step(model, budget: Budgets | None = None):
-        """One step; with a budget, elastic depth's: a threshold per row, the full-depth teacher's
-        pass over the rows below it (in-place distillation), then every budget's quantile."""
+    def step(model, budget: Budgets | None = None, teacher: bool = False):
+        """One step; with a budget, elastic depth's: a threshold per row (with `teacher`, the
+        full-depth pass over the rows below it: in-place distillation), then every budget's quantile."""
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
         steps = iter(range(10**9))
@@ -262,11 +262,11 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
             threshold = None if budget is None else budget.row_thresholds(batch, step := next(steps))
             out = model(x, x, threshold=threshold) if budget is not None else model(x, x)
             loss = out if isinstance(out, torch.Tensor) else out[1]
-            if budget is not None:
+            if teacher:
                 below = ~torch.isinf(threshold)
                 with torch.no_grad():
-                    teacher = model(x[below], mode="hard", threshold=1.0)[0]
-                loss = loss + distillation_kl(teacher, out[0][below])
+                    full_depth = model(x[below], mode="hard", threshold=1.0)[0]
+                loss = loss + distillation_kl(full_depth, out[0][below])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -276,9 +276,13 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
         return run
 
     runs = {name: step(m) for name, m in models.items()}
-    elastic = Budgets.elastic(0.35, 1.0, momentum=0.1, initial=0.5, top_share=0.5).to(device)
-    elastic_model = TSATransformer(replace(tsa_config, routing="tsa", gate="unit")).to(device)
-    runs["tsa_elastic"] = step(elastic_model, elastic)
+    for name, teacher in (
+        ("tsa_elastic", False),
+        ("tsa_elastic_teacher", True),
+    ):  # the shipped recipe; + teacher
+        elastic = Budgets.elastic(0.35, 1.0, momentum=0.1, initial=0.5).to(device)
+        elastic_model = TSATransformer(replace(tsa_config, routing="tsa", gate="unit")).to(device)
+        runs[name] = step(elastic_model, elastic, teacher)
     t = alternate(runs, repeats, device)
     c = tsa_config
     return {
@@ -289,7 +293,37 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
         "soft_over_dense": t["tsa_soft"] / t["dense_twin"],
         "straight_through_over_dense": t["tsa_straight_through"] / t["dense_twin"],
         "elastic_over_dense": t["tsa_elastic"] / t["dense_twin"],
+        "elastic_teacher_over_dense": t["tsa_elastic_teacher"] / t["dense_twin"],
         "dense_over_plain": t["dense_twin"] / t["plain_gpt"],
+    }
+
+
+def validation_speed(dense_module, tsa_module, batches: list, device, repeats: int) -> dict:
+    """A validation while training, as each module runs one: every mode it reports at its own
+    threshold, and an elastic model's pass over its grid (`GridScores.update`) on every other batch."""
+
+    def validation(module):
+        module.eval()
+
+        @torch.no_grad()
+        def run():
+            for i, (x, y) in enumerate(batches):
+                for mode in module.modes:
+                    module.model(x, y, mode=mode, threshold=module.skip_threshold)
+                if module.elastic_range:
+                    module.grid_scores.update(
+                        module.model, module.budget, (x, y), i, thorough=False, batches=len(batches)
+                    )
+                    module.budget.reset()  # the quantiles it observes would grow with every repeat
+
+        return run
+
+    t = alternate({"dense": validation(dense_module), "tsa": validation(tsa_module)}, repeats, device)
+    return {
+        "batches": len(batches),
+        "dense_s": t["dense"],
+        "tsa_s": t["tsa"],
+        "tsa_over_dense": t["tsa"] / t["dense"],
     }
 
 
@@ -372,17 +406,26 @@ def table(result: dict) -> str:
         lines += [
             "",
             "| training step | batch x ctx | TSA soft ms | TSA straight-through ms | elastic ms "
-            "| dense twin ms | plain GPT ms | soft/dense | ST/dense | elastic/dense | dense/plain |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| elastic + teacher ms | dense twin ms | plain GPT ms | soft/dense | ST/dense | elastic/dense "
+            "| elastic + teacher/dense | dense/plain |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in result["train"]:
             lines.append(
                 f"| {t['shape']} | {t['batch']}x{t['ctx']} | {t['tsa_soft_ms']:.1f} | "
                 f"{t['tsa_straight_through_ms']:.1f} | {t['tsa_elastic_ms']:.1f} | "
+                f"{t['tsa_elastic_teacher_ms']:.1f} | "
                 f"{t['dense_twin_ms']:.1f} | {t['plain_gpt_ms']:.1f} | {t['soft_over_dense']:.3f} | "
                 f"{t['straight_through_over_dense']:.3f} | {t['elastic_over_dense']:.3f} | "
-                f"{t['dense_over_plain']:.3f} |"
+                f"{t['elastic_teacher_over_dense']:.3f} | {t['dense_over_plain']:.3f} |"
             )
+    if "validation" in result:
+        v = result["validation"]
+        lines += [
+            "",
+            f"validation while training ({v['batches']} batches of the validation split): dense "
+            f"{v['dense_s']:.2f} s, TSA {v['tsa_s']:.2f} s (TSA/dense {v['tsa_over_dense']:.2f})",
+        ]
     if "memory" in result:
         lines += ["", f"peak forward memory: {json.dumps(result['memory'])}"]
     return "\n".join(lines)
@@ -470,6 +513,13 @@ def main() -> None:
         "skip_sweep": lambda: skip_rate_sweep(dense, tsa, tokens, device, decode_repeats, args.new_tokens),
         "sample": lambda: sample_speed(dense_module, tsa_module, threshold, decode_repeats),
         "train": lambda: [train_speed(c, device, args.repeats, batch=32, ctx=min(128, c.block_size))],
+        "validation": lambda: validation_speed(
+            dense_module,
+            tsa_module,
+            [(x.to(device), y.to(device)) for x, y in data.val_dataloader()],
+            device,
+            max(3, args.repeats // 2),
+        ),
         "memory": lambda: peak_memory(
             dense, tsa, threshold, tokens, device, batch=64, ctx=min(128, c.block_size)
         ),

@@ -150,12 +150,14 @@ def test_the_committed_scores_merge_into_the_committed_tables(suite, tmp_path, m
 
 def test_speed_measures_a_trained_pair_and_an_untrained_one(tiny_shape, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
-    for name, routing in (("dense", "none"), ("tsa", "tsa")):
+    elastic = ["--model.config.gate=unit", "--model.elastic_budgets=[0.35,1.0]"]
+    for name, routing, options in (("dense", "none", []), ("tsa", "tsa", elastic)):
         cli_main(
             [
                 "fit",
                 f"--config={tiny_shape}",
                 f"--model.config.routing={routing}",
+                *options,
                 f"--trainer.logger.init_args.save_dir={runs}",
                 f"--trainer.logger.init_args.name={name}",
             ]
@@ -166,8 +168,10 @@ def test_speed_measures_a_trained_pair_and_an_untrained_one(tiny_shape, tmp_path
     parts = ["--parts", "forward", "skip_sweep", "train"]
     run("speed", *smallest, *parts, "--out", tmp_path / "untrained.json", monkeypatch=monkeypatch)
     trained = json.loads((tmp_path / "trained.json").read_text())
-    assert {"forward", "decode", "skip_sweep", "sample", "train", "memory"} <= trained.keys()
+    assert {"forward", "decode", "skip_sweep", "sample", "train", "validation", "memory"} <= trained.keys()
     assert trained["train"][0]["elastic_over_dense"] > 0  # elastic depth's step timed beside the others
+    assert trained["train"][0]["elastic_teacher_over_dense"] > 0
+    assert trained["validation"]["tsa_over_dense"] > 0 and trained["validation"]["batches"] > 0
     assert json.loads((tmp_path / "untrained.json").read_text())["pair"] == "untrained, 30% skip"
     assert (tmp_path / "untrained.md").read_text().startswith("speed benchmark")
 
