@@ -254,6 +254,23 @@ def test_a_validation_while_training_scores_the_grid_on_every_other_batch_and_ev
     assert len(budget.validation_passes(32, 1, thorough=True)) == len(budget.table_budgets)
 
 
+def test_a_validation_while_training_follows_routers_that_drifted_since_the_last_calibration():
+    budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5)
+    scores = torch.randn(1, 64, 3).expand(32, 64, 3)  # every row alike: each budget's quantile is the same
+    valid = torch.ones(32, 64, dtype=torch.bool)
+    budget.follow(scores, step=0)
+    for k in range(len(budget.table_budgets)):  # without dropout the logits sit 0.5 higher
+        budget.observe(scores + 0.5, valid, torch.full((32,), k))
+    budget.calibrate()
+    table = budget.table.clone()
+    assert torch.equal(budget.validation_thresholds(), table)  # no step since: the table
+    budget.follow(scores - 4.0, step=1)  # the routers drift by -4 while training
+    finite = torch.isfinite(table)
+    drifted = budget.validation_thresholds()
+    assert torch.allclose(drifted[finite], table[finite] - 4.0, atol=1e-5)
+    assert torch.equal(drifted[~finite], table[~finite])  # budget 1.0 skips nothing, ever
+
+
 def test_progressive_shrinking_trains_full_depth_first_then_opens_the_grid_downwards():
     budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5, shrink_steps=[10, 24])
     grid = len(budget.budgets)

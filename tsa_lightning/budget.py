@@ -301,11 +301,17 @@ class Budgets(nn.Module):
         return [grid[(row + scored * batch_size * world_size) % len(self.budgets)]]
 
     def validation_thresholds(self) -> Tensor:
-        """Each table budget's threshold for validation's first pass: the last calibrated table's
-        (without dropout the routers' logits sit away from training's), else training's."""
-        if not self.table.isnan().any():
-            return self.table.clone()
-        return torch.stack([self.interpolated(b, self.budgets, self.running) for b in self.table_budgets])
+        """Each table budget's threshold for validation's first pass: training's, moved by the gap
+        between the last calibrated table and training's thresholds then (without dropout the
+        routers' logits sit away from training's). Routers drift while training, and the table
+        alone, hundreds of steps old, ran budget 0.35 at 0.9 of the routed blocks."""
+        running = torch.stack([self.interpolated(b, self.budgets, self.running) for b in self.table_budgets])
+        if self.table.isnan().any():
+            return running
+        then = torch.stack(
+            [self.interpolated(b, self.budgets, self.calibrated_from) for b in self.table_budgets]
+        )
+        return torch.where(torch.isfinite(self.table), self.table + (running - then), self.table)
 
     def batch_thresholds(self, halt_logits: Tensor, valid: Tensor, points: Tensor) -> Tensor:
         """Each row's threshold refined on one validation batch: its budget's quantile of the router
