@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -177,3 +178,46 @@ def test_ddp_spawn_stopped_by_a_signal_saves_the_step_reached_and_leaves_no_work
     assert max(trained) == step - 2
     time.sleep(1.0)
     assert processes_mentioning(name) == []  # no worker left behind
+
+
+class SignalTheLauncherDuringTheSanityCheck(L.Callback):
+    """In a ddp_spawn worker: `kill <launcher pid>` while the workers run the sanity check."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking and trainer.global_rank == 0:
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(2.0)  # the launcher forwards it to both workers before the check goes on
+
+
+def test_ddp_spawn_signalled_before_training_stops_after_its_first_step_and_saves_it(small_corpus, tmp_path):
+    """A SIGTERM that reaches the workers during their setup or sanity check was lost: they trained on."""
+    args = fit_args(
+        small_corpus,
+        "--data.init_args.batch_size=4",
+        "--trainer.strategy=ddp_spawn",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=100000",
+        "--trainer.val_check_interval=100000",
+        "--trainer.num_sanity_val_steps=1",
+        "--trainer.callbacks+=tests.test_scale.SignalTheLauncherDuringTheSanityCheck",
+    )
+    done = cli(*args, cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert done.returncode == 143, done.stderr[-3000:]
+    last = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints" / "last.ckpt"
+    assert f"stopped by SIGTERM at step 1; saved {last.resolve()}" in done.stderr, done.stderr[-3000:]
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 1
+
+
+def test_a_spawned_run_stopped_before_its_workers_saved_anything_says_so_and_leaves_no_folder(tmp_path):
+    from tsa_lightning.runs import ForwardSignals, RunLock
+
+    folder = tmp_path / "runs" / "name" / "checkpoints"
+    RunLock(folder)
+    ForwardSignals.install(folder / "last.ckpt")
+    ForwardSignals.received = signal.SIGTERM  # the workers died before their handlers were up
+    assert ForwardSignals.stopped() == ("stopped by SIGTERM before training started; nothing to resume", 143)
+    RunLock.release_all()
+    assert list(tmp_path.iterdir()) == []  # the folders the run made for its checkpoints, gone
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -46,6 +46,7 @@ class RunLock:
     held: ClassVar[set[RunLock]] = set()
 
     def __init__(self, folder: Path) -> None:
+        self.made = [p for p in (folder, *folder.parents) if not p.exists()]  # nearest first
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder.with_name(folder.name + ".lock")  # beside the folder: Lightning wants it empty
         self.file = open(self.path, "a+")  # noqa: SIM115 - held open for as long as the run lives
@@ -69,6 +70,9 @@ class RunLock:
         self.path.unlink(missing_ok=True)  # tidy; a lock file left by a crash is harmless
         self.file.close()  # closing the descriptor drops the lock
         RunLock.held.discard(self)
+        for folder in self.made:  # a run that ended before saving anything leaves no empty folder
+            with contextlib.suppress(OSError):  # not empty: kept, with the folders above it
+                folder.rmdir()
 
     @classmethod
     def release_all(cls) -> None:
@@ -195,9 +199,24 @@ class GracefulStop(L.Callback):
     def __init__(self) -> None:
         self.signum: int | None = None
         self.spawned = False
+        self.handling = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signum, self.handling = None, False
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.take_over_signals(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum = None
+        self.take_over_signals(trainer)
+
+    def take_over_signals(self, trainer: L.Trainer) -> None:
+        """From the first hook after the Trainer installs its handlers (the sanity check, else
+        training) on; a SIGTERM before that reached Lightning's handler, which says so."""
+        if self.handling:
+            return
+        self.handling = True
+        self.signum = signal.SIGTERM if trainer.received_sigterm else None
         lightning_handler = signal.getsignal(signal.SIGTERM)  # installed by the Trainer just before
         # ddp_spawn's workers: Lightning's handler runs a collective inside the signal handler, which
         # hangs ranks caught in another one; they agree at the end of each step instead
@@ -269,9 +288,9 @@ class ForwardSignals:
         if cls.received is None:
             return None
         signum = signal.Signals(cls.received)
-        step = "the last step saved"
-        if cls.last is not None and cls.last.is_file():
-            step = f"step {read_checkpoint(cls.last)['global_step']}"
+        if cls.last is None or not cls.last.is_file():  # the workers had not started training
+            return f"stopped by {signum.name} before training started; nothing to resume", EXIT_CODES[signum]
+        step = f"step {read_checkpoint(cls.last)['global_step']}"
         return stop_note(signum, step, cls.last), EXIT_CODES[signum]
 
 
