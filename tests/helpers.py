@@ -174,3 +174,13 @@ def fit(
     )
     trainer.fit(model, data)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
+
+
+def checkpoints(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.startswith("last-v")], names
+    return names

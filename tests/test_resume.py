@@ -4,36 +4,20 @@ End to end through the command line with the shipped checkpoint settings (best b
 top 1): each case checks the step inside `last.ckpt` and that no `last-v*.ckpt` appears.
 """
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import REPO, cli, cli_error, fit_args, quiet_trainer, scalars, write_corpus
+from tests.helpers import checkpoints, cli, cli_error, fit_args, quiet_trainer, scalars, step_of, write_corpus
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.model import TSAConfig
 from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import LastCheckpoint
-
-
-def step_of(path: Path) -> int:
-    return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
-
-
-def checkpoints(folder: Path) -> list[str]:
-    names = sorted(p.name for p in folder.iterdir())
-    assert not [n for n in names if n.startswith("last-v")], names
-    return names
 
 
 def test_last_is_refreshed_by_validations_that_do_not_improve_and_by_the_end_off_the_grid(tmp_path):
@@ -80,105 +64,6 @@ def test_a_resume_point_exists_from_the_first_interval_whatever_save_top_k(tmp_p
     assert seen == {0: None, 1: None, 2: None, 3: 3, 4: 3, 5: 3, 6: 6}
     assert step_of(folder / "last.ckpt") == 7  # and the end
     assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
-
-
-@pytest.mark.parametrize("stop", ["max_time", "early_stopping"])
-def test_a_run_that_stops_itself_saves_its_final_state(tmp_path, stop):
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    data = TextDataModule(str(corpus), block_size=16, batch_size=8)
-    model = TSALanguageModel(
-        TSAConfig(vocab_size=data.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
-    )
-    last = LastCheckpoint(every_n_train_steps=1000)
-    last.dirpath = tmp_path / "checkpoints"
-    ends = {
-        "max_time": {"max_time": {"seconds": 2}},
-        "early_stopping": {  # mode max: the second validation does not improve, and the run stops
-            "val_check_interval": 3,
-            "callbacks": [L.pytorch.callbacks.EarlyStopping("val/soft/loss", patience=0, mode="max")],
-        },
-    }[stop]
-    trainer = quiet_trainer(
-        max_steps=10_000,
-        limit_val_batches=2,
-        enable_checkpointing=True,
-        **{**ends, "callbacks": [*ends.get("callbacks", []), last]},
-    )
-    trainer.fit(model, data)
-    assert 0 < trainer.global_step < 10_000
-    assert step_of(last.path) == trainer.global_step
-
-
-def stop_and_wait(victim: subprocess.Popen, signum: int, when) -> str:
-    deadline = time.time() + 300
-    while not when() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(victim.pid, signum)
-    return victim.communicate(timeout=300)[1]
-
-
-def test_a_signal_before_the_first_validation_then_a_resume_to_the_end(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    args = fit_args(
-        corpus,
-        "--trainer.max_steps=60",
-        "--trainer.val_check_interval=40",
-        "--last_checkpoint.every_n_train_steps=5",
-        "--data.init_args.samples_per_epoch=96",
-    )
-    folder = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints"
-    victim = subprocess.Popen(
-        [sys.executable, str(REPO / "cli.py"), *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True
-    )
-    stderr = stop_and_wait(victim, signal.SIGTERM, (folder / "last.ckpt").exists)
-    assert victim.returncode == 143, stderr[-3000:]
-    stopped_at = step_of(folder / "last.ckpt")
-    assert 5 <= stopped_at < 40 and checkpoints(folder) == ["last.ckpt"]
-
-    resumed = cli(*args, "--ckpt_path=last", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert checkpoints(folder) == ["best-40.ckpt", "last.ckpt"]
-    assert step_of(folder / "last.ckpt") == 60
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoints", "version_0"]
-
-
-class SignalDuringValidation(L.Callback):
-    """Sends this process SIGTERM in the middle of the first real validation."""
-
-    def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        if batch_idx == 0 and not trainer.sanity_checking and trainer.state.fn == "fit":
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def test_a_signal_during_validation_saves_and_the_resume_runs_that_validation_again(tmp_path):
-    """The validation at step 4 is cut short by the signal; the resumed run runs it again from its
-    first batch, and logs every scalar at the step and with the value of an uninterrupted run."""
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    args = fit_args(
-        corpus, "--trainer.max_steps=8", "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=1"
-    )
-    folder = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints"
-    env = {"PYTHONPATH": str(REPO)}
-    stopped = cli(
-        *args, "--trainer.callbacks+=tests.test_resume.SignalDuringValidation", cwd=tmp_path, env=env
-    )
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert f"saved {folder.resolve() / 'last.ckpt'}" in stopped.stderr
-    assert step_of(folder / "last.ckpt") == 4 and checkpoints(folder) == ["last.ckpt"]
-
-    resumed = cli(*args, "--ckpt_path=last", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert step_of(folder / "last.ckpt") == 8 and "last.ckpt" in checkpoints(folder)
-    full = cli(*args, "--trainer.logger.init_args.name=full", cwd=tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
-    full_logs, resumed_logs = tmp_path / "runs" / "full" / "version_0", folder.parent / "version_0"
-    events = EventAccumulator(str(full_logs), size_guidance={"scalars": 0})
-    events.Reload()
-    assert 4 in scalars(full_logs, "val/hard/bpc", 0)
-    for tag in events.Tags()["scalars"]:
-        assert scalars(resumed_logs, tag, 0) == scalars(full_logs, tag, 0), tag
 
 
 def test_a_copied_run_folder_resumes_from_its_newest_state_and_leaves_the_original(tmp_path):
