@@ -338,3 +338,22 @@ def test_a_spawned_run_stopped_before_its_workers_saved_anything_says_so_and_lea
     assert list(tmp_path.iterdir()) == []  # the folders the run made for its checkpoints, gone
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_signal_during_the_final_validation_lets_it_finish_and_the_run_end(tmp_path):
+    """A resume at max_steps runs nothing, so a final validation cut short (the thorough calibration,
+    the longest one) would be lost for good: it finishes, and the run ends as usual."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    args = fit_args(corpus, "--trainer.max_steps=4", "--trainer.val_check_interval=4")
+    done = cli(
+        *args,
+        "--trainer.callbacks+=tests.test_stopping.SignalDuringValidation",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SIGTERM during the final validation: it finishes first" in done.stderr
+    assert "Run finished at step 4." in done.stderr
+    folder = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints"
+    assert checkpoints(folder) == ["best-4.ckpt", "last.ckpt"] and step_of(folder / "last.ckpt") == 4
+    assert 4 in scalars(folder.parent / "version_0", "val/hard/bpc")

@@ -188,12 +188,15 @@ def is_launching_process() -> bool:
 
 
 class GracefulStop(L.Callback):
-    """SIGTERM or SIGINT: finish the current step, write `last.ckpt`, and exit 143 or 130.
+    """SIGTERM or SIGINT: finish the current step (or validation batch), write `last.ckpt`, and exit
+    143 or 130.
 
-    Lightning already turns SIGTERM into an exception at the end of a training step (a point from
-    which a checkpoint resumes exactly); this callback routes SIGINT to the same place, writes the
-    checkpoint there, and records the signal so that the command can exit with its status. A second
-    SIGINT interrupts at once.
+    Lightning already turns SIGTERM into an exception at the end of a training step or validation
+    batch (points from which a checkpoint resumes exactly; an interrupted validation runs again);
+    this callback routes SIGINT to the same place, from the sanity check on, writes the checkpoint
+    there, and records the signal so that the command can exit with its status. A signal during the
+    final validation lets it finish, since a resume at max_steps could not run it again (it holds
+    the thorough calibration); the run then ends as usual. A second SIGINT interrupts at once.
     """
 
     def __init__(self) -> None:
@@ -228,6 +231,14 @@ class GracefulStop(L.Callback):
             if self.signum == signal.SIGINT and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.signum = self.signum or signum
+            final = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+            if trainer.validating and not trainer.sanity_checking and final:
+                name = signal.Signals(signum).name
+                print(
+                    f"{name} during the final validation: it finishes first (Ctrl-C again stops at once)",
+                    file=sys.stderr,
+                )
+                return
             if callable(lightning_handler) and not self.spawned:
                 lightning_handler(signum, frame)
 
