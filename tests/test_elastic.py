@@ -252,6 +252,10 @@ def test_a_validation_while_training_scores_the_grid_on_every_other_batch_and_ev
         ranks = [budget.validation_passes(16, i, False, rank, 2)[0] for rank in (0, 1)]
         assert torch.equal(interleaved(*ranks), budget.validation_passes(32, i, thorough=False)[0])
     assert len(budget.validation_passes(32, 1, thorough=True)) == len(budget.table_budgets)
+    even = Budgets.elastic(0.35, 1.0, momentum=1.0, initial=0.5)  # 14 budgets: rank 0 met only even ones
+    for rank in (0, 1):  # each of two ranks meets every budget within a few batches
+        met = {k for i in range(0, 8, 2) for k in even.validation_passes(16, i, False, rank, 2)[0].tolist()}
+        assert met == set(even.grid_index)
 
 
 def test_a_validation_while_training_follows_routers_that_drifted_since_the_last_calibration():

@@ -297,8 +297,8 @@ class Budgets(nn.Module):
             return []
         row = torch.arange(batch_size) * world_size + rank
         grid = torch.tensor(self.grid_index)
-        scored = batch_idx // GRID_EVERY
-        return [grid[(row + scored * batch_size * world_size) % len(self.budgets)]]
+        scored = batch_idx // GRID_EVERY  # one more than a global batch on: every rank meets every budget
+        return [grid[(row + scored * (batch_size * world_size + 1)) % len(self.budgets)]]
 
     def validation_thresholds(self) -> Tensor:
         """Each table budget's threshold for validation's first pass: training's, moved by the gap

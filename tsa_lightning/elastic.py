@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -48,6 +49,7 @@ class GridScores(nn.Module):
         batch: tuple[Tensor, Tensor],
         batch_idx: int,
         thorough: bool,
+        *,
         batches: float = 1,
         rank: int = 0,
         world_size: int = 1,
@@ -92,8 +94,11 @@ class GridScores(nn.Module):
         """Each budget's bpc, FLOPs saved and routed share executed, under the names of `names.at_budget`;
         the metrics start again."""
         values = {}
-        for budget, bits, compute in zip(self.budgets, self.bits, self.compute, strict=True):
-            if not compute.tokens:  # a split too small to reach this budget's rows
+        tokens = torch.stack([compute.tokens for compute in self.compute]) if self.budgets else None
+        if tokens is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tokens)  # every rank logs the same names, or the ranks' syncs would not match
+        for g, (budget, bits, compute) in enumerate(zip(self.budgets, self.bits, self.compute, strict=True)):
+            if not tokens[g]:  # a split too small to reach this budget's rows
                 continue
             report = compute.compute()
             shares = [report.executed_per_layer[b] for b in gated]

@@ -250,7 +250,14 @@ class TSALanguageModel(L.LightningModule):
             if thorough or self.elastic_range:  # hard-mode passes that calibrate (and score a grid)
                 batches, world = self.trainer.num_val_batches[0], self.trainer.world_size
                 self.grid_scores.update(
-                    self.model, self.budget, batch, batch_idx, thorough, batches, self.global_rank, world
+                    self.model,
+                    self.budget,
+                    batch,
+                    batch_idx,
+                    thorough,
+                    batches=batches,
+                    rank=self.global_rank,
+                    world_size=world,
                 )
             else:  # one budget while training: the pass above, at training's threshold
                 self.budget.observe(routings["hard"].halt_logits, valid)
