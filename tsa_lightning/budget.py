@@ -273,13 +273,16 @@ class Budgets(nn.Module):
 
     def follow(self, halt_logits: Tensor, step: int) -> None:
         """Each budget's threshold moves towards the quantile of its rows' router logits in the global
-        batch: `halt_logits` (B, T, L-1), or (ranks, B, T, L-1) as gathered."""
+        batch (a budget progressive shrinking has not opened yet, of all rows'): `halt_logits`
+        (B, T, L-1), or (ranks, B, T, L-1) as gathered."""
         if halt_logits.dim() == 4:  # the global batch in one process's row order
             halt_logits = halt_logits.transpose(0, 1).flatten(0, 1)
         rows = self.rows(len(halt_logits), step).to(halt_logits.device)
+        unopened = len(self.budgets) - self.drawn(step)  # progressive shrinking: points no row takes yet
         for g, budget in enumerate(self.budgets):
-            if budget < 1.0 and (rows == g).any():
-                target = order_statistic(halt_logits[rows == g], budget).to(self.running)
+            mine = halt_logits[rows == g] if (rows == g).any() else halt_logits if g < unopened else None
+            if budget < 1.0 and mine is not None:  # an unopened point follows every row, to open warm
+                target = order_statistic(mine, budget).to(self.running)
                 self.running[g] = self.running[g] + self.momentum * (target - self.running[g])
 
     # -- validation --
