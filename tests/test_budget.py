@@ -170,8 +170,9 @@ def test_a_validation_calibrates_afresh_and_training_moves_the_threshold_on():
     assert calibrate_at(module.budget, 0.1) == pytest.approx(0.1)
     assert probability(module.skip_threshold) == pytest.approx(0.1)
     assert calibrate_at(module.budget, 0.9) == pytest.approx(0.9)  # the last validation's quantile
-    module.budget.running.fill_(torch.logit(torch.tensor(0.3)).item())  # training moved on: evaluation
-    assert probability(module.skip_threshold) == pytest.approx(0.3)  # follows it until validation
+    module.budget.running.add_(1.5)  # training's threshold moved on by 1.5 in log-odds: evaluation's
+    moved = torch.logit(torch.tensor(0.9, dtype=torch.float64)).item() + 1.5  # moves with it until validation
+    assert float(module.skip_threshold) == pytest.approx(moved, rel=1e-5)
     assert calibrate_at(module.budget, 0.2) == pytest.approx(0.2)
     assert probability(module.skip_threshold) == pytest.approx(0.2)
 

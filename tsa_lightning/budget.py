@@ -382,14 +382,15 @@ class Budgets(nn.Module):
 
     def threshold_at(self, budget: float | None = None) -> Tensor:
         """Hard mode's threshold (log-odds) for any budget in the trained range (None: the default):
-        the calibrated table's, interpolated between its points, unless training has moved on."""
+        the calibrated table's, interpolated between its points, moved as training's thresholds
+        have moved since (`validation_thresholds`); before any calibration, training's."""
         budget = self.budget if budget is None else budget
         low, high = self.budgets[0], self.budgets[-1]
         if not low - 1e-9 <= budget <= high + 1e-9:
             raise ConfigError(f"budget {budget} is outside the trained range [{low}, {high}] of this model")
-        if self.calibrated_now:
-            return self.interpolated(budget, self.table_budgets, self.table)
-        return self.interpolated(budget, self.budgets, self.running)
+        if self.table.isnan().any():
+            return self.interpolated(budget, self.budgets, self.running)
+        return self.interpolated(budget, self.table_budgets, self.validation_thresholds())
 
     @staticmethod
     def interpolated(budget: float, budgets: list[float], thresholds: Tensor) -> Tensor:
