@@ -330,14 +330,17 @@ def test_a_spawned_run_stopped_before_its_workers_saved_anything_says_so_and_lea
     from tsa_lightning.runs import ForwardSignals
 
     folder = tmp_path / "runs" / "name" / "checkpoints"
-    RunLock(folder)
-    ForwardSignals.install(folder / "last.ckpt")
-    ForwardSignals.received = signal.SIGTERM  # the workers died before their handlers were up
-    assert ForwardSignals.stopped() == ("stopped by SIGTERM before training started; nothing to resume", 143)
-    RunLock.release_all()
+    lock = RunLock(folder)
+    try:
+        ForwardSignals.install(folder / "last.ckpt")
+        ForwardSignals.received = signal.SIGTERM  # the workers died before their handlers were up
+        stopped = ForwardSignals.stopped()
+    finally:
+        lock.release()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert stopped == ("stopped by SIGTERM before training started; nothing to resume", 143)
     assert list(tmp_path.iterdir()) == []  # the folders the run made for its checkpoints, gone
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_a_signal_during_the_final_validation_lets_it_finish_and_the_run_end(tmp_path):

@@ -67,10 +67,13 @@ class RunLock:
         RunLock.held.add(self)
 
     def release(self) -> None:
+        for folder in self.made[:1]:  # a run that ended before saving anything leaves no empty folder
+            with contextlib.suppress(OSError):  # (removed while the lock is held: no run can be using it)
+                folder.rmdir()
         self.path.unlink(missing_ok=True)  # tidy; a lock file left by a crash is harmless
         self.file.close()  # closing the descriptor drops the lock
         RunLock.held.discard(self)
-        for folder in self.made:  # a run that ended before saving anything leaves no empty folder
+        for folder in self.made[1:]:  # the folders above it, once the lock file beside it is gone
             with contextlib.suppress(OSError):  # not empty: kept, with the folders above it
                 folder.rmdir()
 
