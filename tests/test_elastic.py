@@ -241,20 +241,20 @@ def test_a_top_share_trains_the_highest_budget_on_its_share_of_rows_and_the_grid
         assert torch.equal(interleaved(*(budget.rows(32, step, rank, 2) for rank in (0, 1))), rows)
 
 
-def test_a_validation_while_training_scores_the_grid_on_every_other_batch_and_every_budget_alike():
+def test_a_validation_while_training_scores_the_grid_on_every_fourth_batch_and_every_budget_alike():
     budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5)
-    passes = [budget.validation_passes(32, i, thorough=False) for i in range(8)]
-    assert [len(p) for p in passes] == [1, 0] * 4  # GRID_EVERY = 2: half a dense validation more
+    passes = [budget.validation_passes(32, i, thorough=False) for i in range(16)]
+    assert [len(p) for p in passes] == [1, 0, 0, 0] * 4  # GRID_EVERY = 4: a validation costs 1.5x a dense one
     rows = torch.cat([p[0] for p in passes if p])
     counts = torch.bincount(rows, minlength=len(budget.table_budgets))[budget.grid_index]
     assert counts.min() >= 8 and counts.max() - counts.min() <= 1  # 128 rows over 15 budgets
-    for i in (0, 2):
+    for i in (0, 4):
         ranks = [budget.validation_passes(16, i, False, rank, 2)[0] for rank in (0, 1)]
         assert torch.equal(interleaved(*ranks), budget.validation_passes(32, i, thorough=False)[0])
     assert len(budget.validation_passes(32, 1, thorough=True)) == len(budget.table_budgets)
     even = Budgets.elastic(0.35, 1.0, momentum=1.0, initial=0.5)  # 14 budgets: rank 0 met only even ones
     for rank in (0, 1):  # each of two ranks meets every budget within a few batches
-        met = {k for i in range(0, 8, 2) for k in even.validation_passes(16, i, False, rank, 2)[0].tolist()}
+        met = {k for i in range(0, 16, 4) for k in even.validation_passes(16, i, False, rank, 2)[0].tolist()}
         assert met == set(even.grid_index)
 
 

@@ -107,7 +107,7 @@ START_LIMIT = 30.0  # log-odds: a training threshold starts at most this far out
 REFINEMENTS = 10  # at most this many per-batch steps towards a budget's threshold in a thorough calibration
 SETTLED = 0.002  # ... which stop once the batch runs its budget's share within this
 THOROUGH_BATCHES = 8  # a thorough calibration reads this many batches, spread over the split
-GRID_EVERY = 2  # while training, an elastic validation scores its grid on every GRID_EVERY-th batch
+GRID_EVERY = 4  # while training, an elastic validation scores its grid on every GRID_EVERY-th batch
 SHOWN = (1.0, 0.85, 0.7, 0.5)  # the budgets an elastic run's chart and summary show, besides its ends
 
 
@@ -292,7 +292,7 @@ class Budgets(nn.Module):
     ) -> list[Tensor]:
         """The hard-mode passes that score and calibrate a validation batch: for each, the table
         entry (B,) each row runs at. While training, on every GRID_EVERY-th batch one pass whose rows
-        take the grid's budgets in turn (so that a validation costs at most 1.5x a dense one); a
+        take the grid's budgets in turn (so that a validation costs about 1.5x a dense one); a
         thorough calibration, one pass per table budget over every row."""
         if thorough:
             return [torch.full((batch_size,), k) for k in range(len(self.table_budgets))]
