@@ -275,6 +275,17 @@ def test_a_validation_while_training_follows_routers_that_drifted_since_the_last
     assert torch.equal(drifted[~finite], table[~finite])  # budget 1.0 skips nothing, ever
 
 
+def test_progressive_shrinking_that_would_end_after_the_last_step_is_refused_in_one_line(small_corpus):
+    message = cli_error(
+        *fit_args(small_corpus, "--trainer.max_steps=4"),
+        "--model.config.gate=unit",
+        "--model.elastic_budgets=[0.5,1.0]",
+        "--model.elastic_shrink_steps=[2,10]",
+        "--model.depth_loss_weight=0",
+    )
+    assert "elastic_shrink_steps ends at step 10, after trainer.max_steps 4" in message
+
+
 def test_progressive_shrinking_trains_full_depth_first_then_opens_the_grid_downwards():
     budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5, shrink_steps=[10, 24])
     grid = len(budget.budgets)

@@ -137,6 +137,12 @@ class TSALanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Retrofit: the dense trunk's weights before the first step (a resumed run then restores its own)."""
+        shrink = self.hparams.elastic_shrink_steps
+        if stage == "fit" and shrink is not None and shrink[1] > (self.trainer.max_steps or 0):
+            raise ConfigError(
+                f"elastic_shrink_steps ends at step {shrink[1]}, after trainer.max_steps "
+                f"{self.trainer.max_steps}: the lowest budgets would never train; end it by max_steps"
+            )
         if stage != "fit" or self.hparams.init_from is None:
             return
         dense = load_dense_trunk(self.hparams.init_from, self.config)
