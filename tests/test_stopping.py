@@ -246,6 +246,20 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def spawned_fit_args(corpus, *extra: str) -> list[str]:
+    """A ddp_spawn fit of two CPU workers that runs until it is stopped."""
+    return fit_args(
+        corpus,
+        "--data.init_args.batch_size=4",
+        "--trainer.strategy=ddp_spawn",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=100000",
+        "--trainer.val_check_interval=100000",
+        *extra,
+    )
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_ddp_spawn_stopped_by_a_signal_saves_the_step_reached_and_leaves_no_worker(
     small_corpus, tmp_path, signum
@@ -254,14 +268,8 @@ def test_ddp_spawn_stopped_by_a_signal_saves_the_step_reached_and_leaves_no_work
     it, exit; the command exits 143 or 130 naming the step. Without care the launcher died at once
     (-15) and left its workers behind, or hung waiting for their results."""
     name = f"spawned_{signum.name}"
-    args = fit_args(
+    args = spawned_fit_args(
         small_corpus,
-        "--data.init_args.batch_size=4",
-        "--trainer.strategy=ddp_spawn",
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.max_steps=100000",
-        "--trainer.val_check_interval=100000",
         "--last_checkpoint.every_n_train_steps=5",
         "--trainer.log_every_n_steps=1",
         f"--trainer.logger.init_args.name={name}",
@@ -285,7 +293,7 @@ def test_ddp_spawn_stopped_by_a_signal_saves_the_step_reached_and_leaves_no_work
         launcher.kill()
     assert launcher.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], stderr[-3000:]
     stop = [line for line in stderr.splitlines() if line.startswith(f"stopped by {signum.name} at step")]
-    step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    step = step_of(last)
     assert stop and stop[0].startswith(f"stopped by {signum.name} at step {step}; saved {last}"), stderr[
         -3000:
     ]
@@ -308,14 +316,8 @@ class SignalTheLauncherDuringTheSanityCheck(L.Callback):
 
 def test_ddp_spawn_signalled_before_training_stops_after_its_first_step_and_saves_it(small_corpus, tmp_path):
     """A SIGTERM that reaches the workers during their setup or sanity check was lost: they trained on."""
-    args = fit_args(
+    args = spawned_fit_args(
         small_corpus,
-        "--data.init_args.batch_size=4",
-        "--trainer.strategy=ddp_spawn",
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.max_steps=100000",
-        "--trainer.val_check_interval=100000",
         "--trainer.num_sanity_val_steps=1",
         "--trainer.callbacks+=tests.test_stopping.SignalTheLauncherDuringTheSanityCheck",
     )
@@ -323,7 +325,7 @@ def test_ddp_spawn_signalled_before_training_stops_after_its_first_step_and_save
     assert done.returncode == 143, done.stderr[-3000:]
     last = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints" / "last.ckpt"
     assert f"stopped by SIGTERM at step 1; saved {last.resolve()}" in done.stderr, done.stderr[-3000:]
-    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 1
+    assert step_of(last) == 1
 
 
 def test_a_spawned_run_stopped_before_its_workers_saved_anything_says_so_and_leaves_no_folder(tmp_path):

@@ -195,8 +195,9 @@ class Budgets(nn.Module):
     Validation calibrates in hard mode a threshold every TABLE_STEP of budget (`table`), since p
     without dropout need not sit where it did in training: budget b's is the b-quantile of the
     scores a hard pass at b saw (while training only the grid's budgets run, and the table between
-    them is interpolated). Evaluation uses the calibrated table until training moves on. All are
-    buffers: checkpoints carry them, resumes continue exactly.
+    them is interpolated). Evaluation uses the calibrated table, moved as training's thresholds have
+    moved since (`validation_thresholds`). All are buffers: checkpoints carry them, resumes
+    continue exactly.
     """
 
     def __init__(
@@ -372,11 +373,6 @@ class Budgets(nn.Module):
     def reset(self) -> None:
         for quantile in self.quantiles:
             quantile.reset()
-
-    @property
-    def calibrated_now(self) -> bool:
-        """Calibrated, and no training step since."""
-        return bool(torch.equal(self.calibrated_from, self.running))
 
     # -- evaluation and sampling --
 

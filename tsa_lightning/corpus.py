@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import os
 import re
 import tempfile
@@ -220,8 +219,8 @@ class Corpus:
         # the folders this download makes, or another download of it under way made (two first runs
         # on one data folder): a failed download leaves none of them behind
         folders = [self.path.parent, *self.path.parent.parents]
-        made = sum(1 for _ in itertools.takewhile(lambda p: not p.exists(), folders))
-        created = folders[: max(made, made_by_downloads(self.path.parent))]
+        made = [p for p in folders if not p.exists()]  # nearest first, as RunLock counts them
+        created = folders[: max(len(made), made_by_downloads(self.path.parent))]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with tempfile.TemporaryDirectory(
