@@ -241,6 +241,15 @@ class Budgets(nn.Module):
         inside = {b for b in self.budgets if round(b, 2) in SHOWN}
         return sorted(inside | {self.budgets[0], self.budgets[-1]}, reverse=True)
 
+    def check_schedule(self, max_steps: int | None) -> None:
+        """Progressive shrinking must end by the last step, or the lowest budgets never train."""
+        end = None if self.shrink_steps is None else self.shrink_steps[1]
+        if end is not None and end > (max_steps or 0):
+            raise ConfigError(
+                f"elastic_shrink_steps ends at step {end}, after trainer.max_steps {max_steps}: the "
+                "lowest budgets would never train; end it by max_steps"
+            )
+
     # -- training --
 
     def rows(self, batch_size: int, step: int, rank: int = 0, world_size: int = 1) -> Tensor:

@@ -35,6 +35,23 @@ class TrainingDiverged(TSAError, FloatingPointError):
     """The loss or the weights became non-finite."""
 
 
+def check_finite_loss(loss, step: int) -> None:
+    """A non-finite training loss stops the run before it can reach a checkpoint."""
+    if not math.isfinite(float(loss)):
+        raise TrainingDiverged(
+            f"training loss became {float(loss)} at step {step}; stopped before it could reach a checkpoint "
+            "(the last good one is kept). Lower learning_rate, raise warmup_steps or set "
+            "trainer.gradient_clip_val, then resume with --ckpt_path last"
+        )
+
+
+def check_finite_weights(named_parameters) -> None:
+    """Non-finite weights would overwrite the last good checkpoint: refused instead."""
+    broken = [name for name, p in named_parameters if not p.isfinite().all()]
+    if broken:
+        raise TrainingDiverged(f"weights became non-finite ({', '.join(broken[:3])}); checkpoint not written")
+
+
 def check_range(name: str, value: float | None, low: float, high: float = math.inf) -> None:
     """A command's option (`--name`) refused in one line when outside [low, high]."""
     if value is not None and not low <= value <= high:

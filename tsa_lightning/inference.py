@@ -24,9 +24,15 @@ MAX_THRESHOLD = 1.01  # above every probability and confidence: nothing is ever 
 
 
 def check_sampling(
-    max_new_tokens: int, temperature: float, top_k: int | None, threshold: float | None = None
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    threshold: float | None = None,
+    budget: float | None = None,
 ) -> None:
     """What sampling refuses, in one line each: the command line and Python alike."""
+    if budget is not None and threshold is not None:
+        raise ConfigError("give a budget or a threshold, not both: a budget sets the threshold")
     check_range("max_new_tokens", max_new_tokens, 1)
     check_range("temperature", temperature, 0)
     check_range("top_k", top_k, 1)

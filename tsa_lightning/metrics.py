@@ -57,6 +57,17 @@ class Perplexity(Nats):
         return torch.exp(super().compute())
 
 
+def compute_logged(stage: str, report: ComputeReport) -> dict[str, float]:
+    """A report's FLOPs and paper TLOps saved and each block's executed share, by their logged names
+    (the executed TLOps saved goes to the progress bar on its own)."""
+    shares = {names.block_share(stage, block): v for block, v in enumerate(report.executed_per_layer)}
+    return {
+        names.of_split(stage, "tlops_saved_paper"): report.paper_tlops_saved,
+        names.of_split(stage, "flops_saved"): report.flops_saved,
+        **shares,
+    }
+
+
 def loss_metrics() -> torch.nn.ModuleDict:
     """One loss collection per stage and mode (`<stage>_<mode>`), so that Lightning computes, syncs
     and resets each, logged under `names.loss`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from functools import partial
 
 import lightning as L
 import torch
@@ -17,12 +18,12 @@ from tsa_lightning.compatibility import check_checkpoint
 from tsa_lightning.corpus import Codec
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.elastic import GridScores, full_depth_kl
-from tsa_lightning.errors import ConfigError, TrainingDiverged, check_range
+from tsa_lightning.errors import ConfigError, check_finite_loss, check_finite_weights, check_range
 from tsa_lightning.inference import check_sampling, generate_cached
-from tsa_lightning.metrics import ComputeMetric, loss_metrics
+from tsa_lightning.metrics import ComputeMetric, compute_logged, loss_metrics
 from tsa_lightning.model import MODES, Mode, Routing, TSAConfig, TSATransformer
 from tsa_lightning.optimisation import adamw_warmup_cosine, check_optimisation
-from tsa_lightning.retrofit import distillation_kl, load_dense_trunk
+from tsa_lightning.retrofit import check_teacher, distillation_kl, load_dense_trunk
 from tsa_lightning.runs import log_at_step
 
 
@@ -102,20 +103,9 @@ class TSALanguageModel(L.LightningModule):
                 f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
             )
         self.model = build_model(self.config)
-        self.budget = budgets_for(
-            self.model,
-            compute_budget,
-            elastic_budgets,
-            elastic_top_share,
-            elastic_shrink_steps,
-            budget_momentum,
-            depth_loss_weight,
-        )
-        if distill_weight and init_from is None and elastic_budgets is None:
-            raise ConfigError(
-                "distill_weight needs a teacher: init_from (a dense checkpoint) or elastic_budgets "
-                "(the network at full depth)"
-            )
+        elastic = elastic_budgets, elastic_top_share, elastic_shrink_steps
+        self.budget = budgets_for(self.model, compute_budget, *elastic, budget_momentum, depth_loss_weight)
+        check_teacher(distill_weight, init_from, elastic_budgets)
         # one window: Lightning's model summary counts a forward's FLOPs on it
         self.example_input_array = torch.zeros(1, self.config.block_size, dtype=torch.long)
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
@@ -137,12 +127,8 @@ class TSALanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Retrofit: the dense trunk's weights before the first step (a resumed run then restores its own)."""
-        shrink = self.hparams.elastic_shrink_steps
-        if stage == "fit" and shrink is not None and shrink[1] > (self.trainer.max_steps or 0):
-            raise ConfigError(
-                f"elastic_shrink_steps ends at step {shrink[1]}, after trainer.max_steps "
-                f"{self.trainer.max_steps}: the lowest budgets would never train; end it by max_steps"
-            )
+        if stage == "fit" and self.hparams.elastic_shrink_steps is not None:
+            self.budget.check_schedule(self.trainer.max_steps)
         if stage != "fit" or self.hparams.init_from is None:
             return
         dense = load_dense_trunk(self.hparams.init_from, self.config)
@@ -170,12 +156,7 @@ class TSALanguageModel(L.LightningModule):
             # what hard mode would run on this batch, under the names validation uses
             executed = self.model.hard_executed(halts, threshold)
             self._log_compute("train", report(self.config, Routing(routing.halt_probs.detach(), executed)))
-        if not torch.isfinite(total):
-            raise TrainingDiverged(
-                f"training loss became {total.item()} at step {self.global_step}; stopped before it could "
-                "reach a checkpoint (the last good one is kept). Lower learning_rate, raise warmup_steps or "
-                "set trainer.gradient_clip_val, then resume with --ckpt_path last"
-            )
+        check_finite_loss(total, self.global_step)
         # averaged over ranks at each step, so the progress bar and the logs show the global batch
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/bpc", loss / math.log(2), prog_bar=True, sync_dist=True)
@@ -199,9 +180,8 @@ class TSALanguageModel(L.LightningModule):
         this step, else the configured one."""
         if self.budget is None:
             return self.config.skip_threshold
-        trainer = self.trainer
         return self.budget.row_thresholds(
-            batch_size, self.global_step, trainer.global_rank, trainer.world_size
+            batch_size, self.global_step, self.global_rank, self.trainer.world_size
         )
 
     @property
@@ -213,16 +193,15 @@ class TSALanguageModel(L.LightningModule):
         """Move each budget's threshold towards its quantile of the global batch's router logits (the
         same on every rank); returns what to log: the mean budget the batch trained, the share it
         ran and the thresholds it ran at (as probabilities, means over the rows)."""
-        executed = self.model.executed_share(routing, threshold).detach()
-        executed = self.trainer.strategy.reduce(executed, reduce_op="mean")
-        used = torch.sigmoid(threshold.double()).mean()
-        used = self.trainer.strategy.reduce(used, reduce_op="mean")
-        budget = self.budget.row_budgets(
-            len(routing.halt_logits), self.global_step, self.global_rank, self.trainer.world_size
-        ).mean()
-        budget = self.trainer.strategy.reduce(budget.to(self.device), reduce_op="mean")
+        mean = partial(self.trainer.strategy.reduce, reduce_op="mean")
+        rows = len(routing.halt_logits), self.global_step, self.global_rank, self.trainer.world_size
+        logged = {
+            "train/budget": mean(self.budget.row_budgets(*rows).mean().to(self.device)),
+            "train/executed_share": mean(self.model.executed_share(routing, threshold).detach()),
+            "train/skip_threshold": mean(torch.sigmoid(threshold.double()).mean()),
+        }
         self.budget.follow(self.all_gather(routing.halt_logits.detach()), self.global_step)
-        return {"train/budget": budget, "train/executed_share": executed, "train/skip_threshold": used}
+        return logged
 
     def threshold_at(self, budget: float | None) -> float | Tensor:
         """Hard mode's threshold for a budget (None: the model's own), from an elastic model's table."""
@@ -254,16 +233,9 @@ class TSALanguageModel(L.LightningModule):
         if stage == "val" and self.budget is not None:
             thorough = self.trainer.state.fn != "fit" or self.global_step >= self.trainer.max_steps
             if thorough or self.elastic_range:  # hard-mode passes that calibrate (and score a grid)
-                batches, world = self.trainer.num_val_batches[0], self.trainer.world_size
+                layout = {"batches": self.trainer.num_val_batches[0], "world_size": self.trainer.world_size}
                 self.grid_scores.update(
-                    self.model,
-                    self.budget,
-                    batch,
-                    batch_idx,
-                    thorough,
-                    batches=batches,
-                    rank=self.global_rank,
-                    world_size=world,
+                    self.model, self.budget, batch, batch_idx, thorough, rank=self.global_rank, **layout
                 )
             else:  # one budget while training: the pass above, at training's threshold
                 self.budget.observe(routings["hard"].halt_logits, valid)
@@ -292,12 +264,7 @@ class TSALanguageModel(L.LightningModule):
         if self.trainer.sanity_checking:  # an untrained model's quantile would outlive its check
             self.budget.reset()
             return
-        calibrated = self.budget.calibrate()
-        if self.elastic_range:
-            tags = [names.at_budget(b, "calibrated_threshold") for b in self.budget.budgets]
-            self.log_dict(dict(zip(tags, calibrated, strict=True)), sync_dist=True)
-        else:
-            self.log(names.of_split("val", "calibrated_threshold"), calibrated[0], sync_dist=True)
+        self.log_dict(names.calibrated(self.budget.budgets, self.budget.calibrate()), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
@@ -318,15 +285,7 @@ class TSALanguageModel(L.LightningModule):
         over the split and all ranks, so averaging them again changes nothing.
         """
         self.log(names.of_split(stage), report.executed_tlops_saved, prog_bar=True, sync_dist=True)
-        shares = {names.block_share(stage, block): v for block, v in enumerate(report.executed_per_layer)}
-        self.log_dict(
-            {
-                names.of_split(stage, "tlops_saved_paper"): report.paper_tlops_saved,
-                names.of_split(stage, "flops_saved"): report.flops_saved,
-                **shares,
-            },
-            sync_dist=True,
-        )
+        self.log_dict(compute_logged(stage, report), sync_dist=True)
 
     def on_validation_start(self) -> None:
         """`validate` and `test` of a checkpoint log at the step it was trained to, not at 0."""
@@ -343,11 +302,7 @@ class TSALanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint with NaN or infinite weights would overwrite the last good one: refuse it. The
         network's config is kept apart from the hyperparameters, which loading may override."""
-        broken = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
-        if broken:
-            raise TrainingDiverged(
-                f"weights became non-finite ({', '.join(broken[:3])}); checkpoint not written"
-            )
+        check_finite_weights(self.named_parameters())
         checkpoint["network"] = asdict(self.config)
         checkpoint["elastic_budgets"] = self.elastic_range  # the table's grid, which loading may not change
 
@@ -358,15 +313,8 @@ class TSALanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return adamw_warmup_cosine(
-            self.model,
-            hp.learning_rate,
-            hp.min_learning_rate,
-            hp.warmup_steps,
-            hp.weight_decay,
-            hp.betas,
-            self.trainer.max_steps,
-        )
+        schedule = hp.learning_rate, hp.min_learning_rate, hp.warmup_steps, hp.weight_decay, hp.betas
+        return adamw_warmup_cosine(self.model, *schedule, self.trainer.max_steps)
 
     @torch.no_grad()
     def sample(
@@ -383,9 +331,7 @@ class TSALanguageModel(L.LightningModule):
         """Continue `prompt` with the KV-cache decoder, by default in the mode the model was trained for.
 
         `budget` (an elastic model): run at that budget's threshold (or give `threshold`)."""
-        if budget is not None and threshold is not None:
-            raise ConfigError("give a budget or a threshold, not both: a budget sets the threshold")
-        check_sampling(max_new_tokens, temperature, top_k, threshold)
+        check_sampling(max_new_tokens, temperature, top_k, threshold, budget)
         idx = torch.tensor(self.codec.encode(prompt or "\n"), device=self.device)
         mode = mode or self.model.trained_mode
         threshold = self.threshold_at(budget) if threshold is None else threshold

@@ -34,6 +34,13 @@ def block_shares(metrics: dict, stage: str) -> list:
     return [found[block] for block in sorted(found)]
 
 
+def calibrated(budgets: list[float], thresholds: list[float]) -> dict[str, float]:
+    """Calibrated thresholds by name: one budget's under the split, an elastic grid's per budget."""
+    if len(budgets) == 1:
+        return {of_split("val", "calibrated_threshold"): thresholds[0]}
+    return {at_budget(b, "calibrated_threshold"): t for b, t in zip(budgets, thresholds, strict=True)}
+
+
 def at_budget(budget: float, what: str) -> str:
     """An elastic model's validation metric at one budget: bpc, flops_saved, routed_executed or
     calibrated_threshold. Budgets are named to 0.01."""

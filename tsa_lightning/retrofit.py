@@ -10,6 +10,15 @@ from tsa_lightning.model import TSAConfig, TSATransformer
 from tsa_lightning.runs import read_checkpoint
 
 
+def check_teacher(distill_weight: float, init_from: str | None, elastic_budgets: list | None) -> None:
+    """Distillation needs a teacher: a dense checkpoint, or an elastic network's own full depth."""
+    if distill_weight and init_from is None and elastic_budgets is None:
+        raise ConfigError(
+            "distill_weight needs a teacher: init_from (a dense checkpoint) or elastic_budgets "
+            "(the network at full depth)"
+        )
+
+
 def distillation_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     """KL(teacher || student) per token, averaged over tokens: the student keeps the dense model's
     next-token distribution where it skips blocks."""
