@@ -374,10 +374,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-# Lightning (2.4-2.6) logs every scalar at `fit_loop.epoch_loop._batches_that_stepped` and offers no
-# public way to read or set it; `validate` and `test` of a checkpoint would log at step 0. These three
-# functions are the only place that touches it (tests/test_cli.py and the resume tests of
-# tests/test_resume.py fail when it changes).
+# Lightning (2.4-2.6) offers no public way to read or set two pieces of loop state a run needs. The
+# four functions below are the only places that touch them, and tests fail when either changes:
+# - `fit_loop.epoch_loop._batches_that_stepped`, the step every scalar is logged at (`validate` and
+#   `test` of a checkpoint would log at step 0, a fit's validation one step early): `logged_step`,
+#   `log_at_step`, `record_logged_step` (tests/test_resume.py::test_a_resume_logs_every_later_scalar_*,
+#   tests/test_cli.py);
+# - a checkpoint's record of the val loop's batch progress, which Lightning 2.6 reads to skip a
+#   validation a signal interrupted: `rerun_interrupted_validation`
+#   (tests/test_stopping.py::test_a_signal_during_validation_saves_and_the_resume_runs_that_validation_again).
 
 
 def logged_step(trainer: L.Trainer) -> int:
@@ -396,12 +401,15 @@ def record_logged_step(checkpoint: dict, step: int) -> None:
     checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] = step
 
 
-def rerun_validation_on_resume(checkpoint: dict) -> None:
+def rerun_interrupted_validation(checkpoint: dict) -> None:
     """Make a checkpoint written in the middle of a fit's validation (a signal stopped it) resume by
     running that validation again from its first batch. Lightning 2.6 resumes such a checkpoint
     with the validation skipped, and re-runs one only when the checkpoint says a batch of it had
-    started but not finished; its scores are never in a checkpoint, so the whole pass runs again."""
+    started but not finished; its scores are never in a checkpoint, so the whole pass runs again.
+    A checkpoint written after the validation's last batch is left as it is."""
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    if progress["is_last_batch"]:
+        return
     before = progress["total"]["completed"] - progress["current"]["completed"]  # earlier validations' batches
     progress["total"] = {"ready": before + 1, "started": before + 1, "processed": before, "completed": before}
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
@@ -433,8 +441,7 @@ class ValidationAtItsStep(L.Callback):
         records Lightning's own step, so that a resume from it logs where the run would have."""
         if self.restore is not None:
             record_logged_step(checkpoint, self.restore)
-            if not checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["is_last_batch"]:
-                rerun_validation_on_resume(checkpoint)
+            rerun_interrupted_validation(checkpoint)
 
 
 def checkpoint_folder(config) -> Path | None:
