@@ -21,7 +21,8 @@ from tsa_lightning.runs import LastCheckpoint
 
 
 def test_last_is_refreshed_by_validations_that_do_not_improve_and_by_the_end_off_the_grid(tmp_path):
-    """mode=max makes every later validation a non-improvement; max_steps 7 is off the grid of 2."""
+    """mode=max makes every later validation a non-improvement; max_steps 7 is off the grid of 2,
+    and validated all the same."""
     corpus = write_corpus(tmp_path / "corpus.txt")
     args = fit_args(
         corpus, "--trainer.max_steps=7", "--trainer.val_check_interval=2", "--checkpoint.mode=max"
@@ -31,6 +32,8 @@ def test_last_is_refreshed_by_validations_that_do_not_improve_and_by_the_end_off
     folder = tmp_path / "runs" / "shakespeare_cpu" / "checkpoints"
     assert checkpoints(folder) == ["best-2.ckpt", "last.ckpt"]
     assert step_of(folder / "last.ckpt") == 7
+    # the last step is validated too, off the grid: the checkpoint's calibration and the summary are its
+    assert sorted(scalars(folder.parent / "version_0", "val/hard/bpc")) == [2, 4, 6, 7]
     summary = result.stderr[result.stderr.index("Run finished at step 7.") :]  # the end names every file
     assert f"final state:     {folder.resolve() / 'last.ckpt'}" in summary
     assert f"best checkpoint: {folder.resolve() / 'best-2.ckpt'}" in summary

@@ -43,6 +43,7 @@ from tsa_lightning.module import TSALanguageModel
 from tsa_lightning.runs import (
     AtomicCheckpointIO,
     BestCheckpoint,
+    FinalValidation,
     ForwardSignals,
     GracefulStop,
     LastCheckpoint,
@@ -188,7 +189,7 @@ class TSALightningCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is None:
                 callback.dirpath = folder and os.path.realpath(folder)
-        trainer.callbacks += [ValidationAtItsStep(), GracefulStop(), ValidationHistory()]
+        trainer.callbacks += [ValidationAtItsStep(), FinalValidation(), GracefulStop(), ValidationHistory()]
         defaults = (TQDMProgressBar, RichProgressBar)  # Lightning's own, counting batches per epoch
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) in defaults:

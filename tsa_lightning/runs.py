@@ -416,6 +416,18 @@ def rerun_interrupted_validation(checkpoint: dict) -> None:
     progress["is_last_batch"] = False
 
 
+class FinalValidation(L.Callback):
+    """A fit validates at its last step, also when max_steps is not a multiple of
+    val_check_interval: Lightning validates only on the interval's steps and at an epoch's end, so
+    a run of 3750 steps validated every 500 ended with its scores, its checkpoint's calibration (an
+    elastic model's thorough one) and its summary from step 3500. Lightning validates after a step
+    that sets `should_stop`, as early stopping does; at max_steps the fit ends there anyway."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class ValidationAtItsStep(L.Callback):
     """A fit's validation logs at the step its checkpoint, the summary and `validate` name (the
     optimizer steps taken); Lightning logs it at the index of the batch before, one less. The step
