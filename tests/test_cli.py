@@ -221,6 +221,7 @@ def test_hparams_table_shows_final_quality_and_compute(trained_run):
         content[hparams_metadata.SESSION_START_INFO_TAG]
     )
     assert start.hparams["router_bias_init"].number_value == 0.0 and start.hparams["gate"].string_value
+    assert start.hparams["command"].string_value == "fit"  # a validate of it says validate
 
 
 def test_depth_map_fits_the_image_card(trained_run):
@@ -284,6 +285,12 @@ def test_validate_and_test_print_bpc_and_tlops(trained_run, subcommand, split):
     assert [e.step for e in run_events(logged).Scalars(f"{split}/hard/bpc")] == [12]
     assert sorted((trained_run / "runs/cpu").glob("version_*")) == versions  # no new training version
     assert sorted(p.name for p in logged.iterdir() if p.suffix == ".yaml") == ["config.yaml", "hparams.yaml"]
+    # the HParams table, which cuts run names to the training run's, says which command made the row
+    content = run_events(logged).PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    start = hparams_metadata.parse_session_start_info_plugin_data(
+        content[hparams_metadata.SESSION_START_INFO_TAG]
+    )
+    assert start.hparams["command"].string_value == subcommand
 
 
 def test_two_validations_of_one_checkpoint_never_share_a_log_folder(trained_run):

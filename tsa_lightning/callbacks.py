@@ -113,9 +113,10 @@ HPARAM_METRICS = tuple(
         *(names.of_split(stage, s) for s in names.SAVED),
     )
 )
-# the options that tell the variants apart lead the HParams table (TensorBoard shows the first five at
-# first: an elastic run's range among them)
-HPARAM_LEAD = ("routing", "gate", "compute_budget", "elastic_budgets", "depth_loss_weight", "n_layer")
+# what tells runs apart leads the HParams table (TensorBoard shows the first five at first): the command
+# that made the run (fit; validate or test of a checkpoint, whose names the table cuts to the training
+# run's), then the options that tell variants apart, an elastic run's range among them
+HPARAM_LEAD = ("command", "routing", "gate", "compute_budget", "elastic_budgets")
 
 
 class Dashboard(L.Callback):
@@ -151,7 +152,7 @@ class Dashboard(L.Callback):
         writer.add_custom_scalars(layout(pl_module.config.n_layer, shown))
         # TensorBoard takes numbers, strings and booleans; the alphabet is the corpus's, not a choice,
         # and names with an underscore are LightningCLI's own
-        flat: dict = {}
+        flat: dict = {"command": trainer.state.fn.value}
         for name, value in pl_module.hparams.items():
             flat.update(value if isinstance(value, dict) else {name: value})  # model.config's fields by name
         order = sorted(flat, key=lambda name: (name not in HPARAM_LEAD, name))
