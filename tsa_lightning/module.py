@@ -156,7 +156,7 @@ class TSALanguageModel(L.LightningModule):
             # what hard mode would run on this batch, under the names validation uses
             executed = self.model.hard_executed(halts, threshold)
             self._log_compute("train", report(self.config, Routing(routing.halt_probs.detach(), executed)))
-        check_finite_loss(total, self.global_step)
+        check_finite_loss(total.detach(), self.global_step)
         # averaged over ranks at each step, so the progress bar and the logs show the global batch
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/bpc", loss / math.log(2), prog_bar=True, sync_dist=True)
