@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from tests.helpers import cli_error, fit, fit_args, quiet_trainer, write_corpus
 from tsa_lightning.budget import Budgets, budget_grid, probability
+from tsa_lightning.callbacks import operating_point
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
 from tsa_lightning.errors import ConfigError
@@ -151,6 +152,13 @@ def test_a_fresh_elastic_model_runs_everything_at_budget_one():
     module = TSALanguageModel(config, elastic_budgets=RANGE)
     assert torch.isinf(module.threshold_at(1.0)) and probability(module.threshold_at(1.0)) == 1.0
     assert probability(module.threshold_at(0.5)) == 0.5  # the configured skip_threshold, until trained
+
+
+def test_depth_maps_and_samples_show_the_budget_asked_for_else_the_lowest():
+    config = TSAConfig(vocab_size=11, routing="tsa", gate="unit", **SHAPE)
+    for asked, shown in ((None, "budget 0.3 "), (1.0, "budget 0.3 "), (0.5, "budget 0.5 ")):
+        module = TSALanguageModel(config, elastic_budgets=RANGE, compute_budget=asked)
+        assert operating_point(module)[1].startswith(shown), (asked, operating_point(module))
 
 
 class TableAtStart(L.Callback):

@@ -94,11 +94,13 @@ def layout(n_layer: int, budgets: list[float] | None = None) -> dict:
 
 def operating_point(pl_module) -> tuple[float | Tensor, str]:
     """The threshold that depth maps and samples run at, and how to name it: an elastic model's
-    lowest budget (its highest skips nothing), else the model's own threshold."""
+    budget asked for (`validate --model.compute_budget`), else its lowest (its highest skips
+    nothing); else the model's own threshold."""
     if pl_module.elastic_range:
-        low = pl_module.elastic_range[0]
-        threshold = pl_module.threshold_at(low)
-        return threshold, f"budget {low:g} (threshold {probability(threshold):.3g})"
+        low, high = pl_module.elastic_range
+        shown = pl_module.budget.budget if pl_module.budget.budget < high else low
+        threshold = pl_module.threshold_at(shown)
+        return threshold, f"budget {shown:g} (threshold {probability(threshold):.3g})"
     threshold = pl_module.skip_threshold
     return threshold, f"threshold {probability(skip_logit(threshold)):.3g}"
 
