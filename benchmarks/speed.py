@@ -300,7 +300,8 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
 
 def validation_speed(dense_module, tsa_module, batches: list, device, repeats: int) -> dict:
     """A validation while training, as each module runs one: every mode it reports at its own
-    threshold, and an elastic model's pass over its grid (`GridScores.update`) on every other batch."""
+    threshold (`reported_passes`), and an elastic model's pass over its grid (`GridScores.update`),
+    which scores every GRID_EVERY-th batch."""
 
     def validation(module):
         module.eval()
@@ -308,8 +309,7 @@ def validation_speed(dense_module, tsa_module, batches: list, device, repeats: i
         @torch.no_grad()
         def run():
             for i, (x, y) in enumerate(batches):
-                for mode in module.modes:
-                    module.model(x, y, mode=mode, threshold=module.skip_threshold)
+                module.reported_passes(x, y)
                 if module.elastic_range:
                     module.grid_scores.update(
                         module.model, module.budget, (x, y), i, thorough=False, batches=len(batches)

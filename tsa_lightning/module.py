@@ -215,11 +215,16 @@ class TSALanguageModel(L.LightningModule):
             )
         return self.budget.threshold_at(budget)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> dict[str, Routing]:
-        x, y = batch
+    def reported_passes(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], dict[str, Routing]]:
+        """Each mode the model reports, at its own threshold: an evaluation's first passes."""
         losses, routings = {}, {}
         for mode in self.modes:
             _, losses[mode], routings[mode] = self.model(x, y, mode=mode, threshold=self.skip_threshold)
+        return losses, routings
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> dict[str, Routing]:
+        x, y = batch
+        losses, routings = self.reported_passes(x, y)
         for mode in MODES:
             loss = losses.get(mode, losses.get("soft"))  # the dense twin's hard mode is its soft mode
             if loss is None:
