@@ -393,8 +393,6 @@ class Budgets(nn.Module):
         low, high = self.budgets[0], self.budgets[-1]
         if not low - 1e-9 <= budget <= high + 1e-9:
             raise ConfigError(f"budget {budget} is outside the trained range [{low}, {high}] of this model")
-        if self.table.isnan().any():
-            return self.interpolated(budget, self.budgets, self.running)
         return self.interpolated(budget, self.table_budgets, self.validation_thresholds())
 
     @staticmethod
