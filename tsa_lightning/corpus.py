@@ -60,6 +60,11 @@ class Codec:
         """What one token is, as "bits per <unit>" names it."""
         return "byte" if self.alphabet is None else "character"
 
+    def check_fits(self, vocab_size: int) -> None:
+        """A model has one output per token of its alphabet."""
+        if self.alphabet is not None and len(self.alphabet) != vocab_size:
+            raise ConfigError(f"alphabet has {len(self.alphabet)} characters but vocab_size is {vocab_size}")
+
     def encode(self, text: str) -> list[int]:
         if self.alphabet is None:
             return list(text.encode("utf-8"))

@@ -98,10 +98,8 @@ class TSALanguageModel(L.LightningModule):
         check_optimisation(learning_rate, min_learning_rate, warmup_steps, weight_decay, betas)
         check_range("model.depth_loss_weight", depth_loss_weight, 0)
         check_range("model.distill_weight", distill_weight, 0)
-        if alphabet is not None and len(alphabet) != self.config.vocab_size:
-            raise ConfigError(
-                f"alphabet has {len(alphabet)} characters but vocab_size is {self.config.vocab_size}"
-            )
+        self.codec = Codec(alphabet)
+        self.codec.check_fits(self.config.vocab_size)
         self.model = build_model(self.config)
         elastic = elastic_budgets, elastic_top_share, elastic_shrink_steps
         self.budget = budgets_for(self.model, compute_budget, *elastic, budget_momentum, depth_loss_weight)
@@ -110,17 +108,12 @@ class TSALanguageModel(L.LightningModule):
         self.example_input_array = torch.zeros(1, self.config.block_size, dtype=torch.long)
         self.teacher: TSATransformer | None = None  # set by `setup` when distilling
         self.trained_steps = 0  # a loaded checkpoint's step
-        self.codec = Codec(alphabet)
         self.eval_loss = loss_metrics()
         self.eval_compute = torch.nn.ModuleDict({stage: ComputeMetric(self.config) for stage in names.STAGES})
         # an elastic model's validation scores every budget of its grid
         self.grid_scores = GridScores(self.config, self.budget.budgets if self.elastic_range else [])
         # a compiled function, not a module: the state dict keeps one copy of the weights
         self.train_forward = torch.compile(self.model.forward) if compile else self.model.forward
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return self.model.reported_modes
 
     def forward(self, idx: Tensor, mode: str = "soft") -> Tensor:
         return self.model(idx, mode=mode)[0]
@@ -218,7 +211,7 @@ class TSALanguageModel(L.LightningModule):
     def reported_passes(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], dict[str, Routing]]:
         """Each mode the model reports, at its own threshold: an evaluation's first passes."""
         losses, routings = {}, {}
-        for mode in self.modes:
+        for mode in self.model.reported_modes:
             _, losses[mode], routings[mode] = self.model(x, y, mode=mode, threshold=self.skip_threshold)
         return losses, routings
 
