@@ -222,9 +222,10 @@ def test_each_step_trains_every_grid_budget_and_follows_each_from_its_own_rows()
         rows = budget.rows(32, step)
         assert set(rows.tolist()) == set(range(grid))  # the smallest, the largest and all between
         assert torch.equal(interleaved(*(budget.rows(16, step, rank, 2) for rank in (0, 1))), rows)
-    logits = torch.randn(32, 8, 3)
-    budget.follow(logits, step=5)
-    rows = budget.rows(32, 5)
+    logits = torch.randn(15 * 2, 8, 3)  # twice round the grid
+    trained = budget.follow(logits, step=5)
+    assert float(trained) == pytest.approx(sum(budget.budgets) / grid)  # the mean budget the batch trained
+    rows = budget.rows(len(logits), 5)
     for g, running in enumerate(budget.running):
         mine = logits[rows == g]
         expected = (
@@ -247,6 +248,8 @@ def test_a_top_share_trains_the_highest_budget_on_its_share_of_rows_and_the_grid
         others = rows[torch.arange(64) % 4 != 3]
         assert set(others.tolist()) == set(range(grid))  # the 48 others take every budget in turn
         assert torch.equal(interleaved(*(budget.rows(32, step, rank, 2) for rank in (0, 1))), rows)
+    trained = budget.follow(torch.randn(60, 8, 3), step=0)  # 15 top rows, 45 others: 3 times round the grid
+    assert float(trained) == pytest.approx((15 * 1.0 + 3 * sum(budget.budgets)) / 60)
 
 
 def test_a_validation_while_training_scores_the_grid_on_every_fourth_batch_and_every_budget_alike():

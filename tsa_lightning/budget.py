@@ -277,14 +277,10 @@ class Budgets(nn.Module):
         """Training's threshold for each row (B,) of a rank's batch."""
         return self.running[self.rows(batch_size, step, rank, world_size).to(self.running.device)]
 
-    def row_budgets(self, batch_size: int, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
-        """The budget each row (B,) of a rank's batch trains."""
-        return torch.tensor(self.budgets)[self.rows(batch_size, step, rank, world_size)]
-
-    def follow(self, halt_logits: Tensor, step: int) -> None:
+    def follow(self, halt_logits: Tensor, step: int) -> Tensor:
         """Each budget's threshold moves towards the quantile of its rows' router logits in the global
         batch (a budget progressive shrinking has not opened yet, of all rows'): `halt_logits`
-        (B, T, L-1), or (ranks, B, T, L-1) as gathered."""
+        (B, T, L-1), or (ranks, B, T, L-1) as gathered. Returns the mean budget the batch trained."""
         if halt_logits.dim() == 4:  # the global batch in one process's row order
             halt_logits = halt_logits.transpose(0, 1).flatten(0, 1)
         rows = self.rows(len(halt_logits), step).to(halt_logits.device)
@@ -294,6 +290,7 @@ class Budgets(nn.Module):
             if budget < 1.0 and mine is not None:  # an unopened point follows every row, to open warm
                 target = order_statistic(mine, budget).to(self.running)
                 self.running[g] = self.running[g] + self.momentum * (target - self.running[g])
+        return torch.tensor(self.budgets, device=rows.device)[rows].mean()
 
     # -- validation --
 

@@ -187,14 +187,12 @@ class TSALanguageModel(L.LightningModule):
         same on every rank); returns what to log: the mean budget the batch trained, the share it
         ran and the thresholds it ran at (as probabilities, means over the rows)."""
         mean = partial(self.trainer.strategy.reduce, reduce_op="mean")
-        rows = len(routing.halt_logits), self.global_step, self.global_rank, self.trainer.world_size
-        logged = {
-            "train/budget": mean(self.budget.row_budgets(*rows).mean().to(self.device)),
+        trained = self.budget.follow(self.all_gather(routing.halt_logits.detach()), self.global_step)
+        return {
+            "train/budget": trained,
             "train/executed_share": mean(self.model.executed_share(routing, threshold).detach()),
             "train/skip_threshold": mean(torch.sigmoid(threshold.double()).mean()),
         }
-        self.budget.follow(self.all_gather(routing.halt_logits.detach()), self.global_step)
-        return logged
 
     def threshold_at(self, budget: float | None) -> float | Tensor:
         """Hard mode's threshold for a budget (None: the model's own), from an elastic model's table."""
