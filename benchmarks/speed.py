@@ -36,10 +36,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from tsa_lightning.accounting import report
 from tsa_lightning.budget import Budgets, probability
+from tsa_lightning.elastic import full_depth_kl
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import TSAConfig, TSATransformer, skip_logit
 from tsa_lightning.module import TSALanguageModel
-from tsa_lightning.retrofit import distillation_kl
 
 PARTS = ("forward", "decode", "skip_sweep", "sample", "train", "validation", "memory")
 
@@ -263,10 +263,7 @@ def train_speed(tsa_config: TSAConfig, device, repeats, batch: int, ctx: int) ->
             out = model(x, x, threshold=threshold) if budget is not None else model(x, x)
             loss = out if isinstance(out, torch.Tensor) else out[1]
             if teacher:
-                below = ~torch.isinf(threshold)
-                with torch.no_grad():
-                    full_depth = model(x[below], mode="hard", threshold=1.0)[0]
-                loss = loss + distillation_kl(full_depth, out[0][below])
+                loss = loss + full_depth_kl(model, x, out[0], threshold)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

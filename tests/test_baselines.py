@@ -53,6 +53,18 @@ def test_hard_mode_is_causal(routing):
     assert 0 < skipped < 1  # the test exercised real skipping
 
 
+def test_early_exit_hard_mode_runs_what_its_logged_confidences_decide():
+    """The accounting reads hard mode's decisions back from the confidences it logged: one rule,
+    also at a threshold equal to a token's confidence at the first exit (a tie)."""
+    model = make("early_exit")
+    idx = tokens(B=2)
+    first_exit = model(idx, mode="hard", threshold=1.01)[2].halt_probs[..., 0].flatten()
+    for threshold in first_exit.tolist():
+        _, _, routing = model(idx, mode="hard", threshold=threshold)
+        assert torch.equal(model.hard_executed(routing.halt_logits, threshold), routing.executed)
+        assert not routing.executed[..., 1:].all()  # the tied token, at least, leaves
+
+
 def test_early_exit_threshold_zero_leaves_after_the_first_block():
     model = make("early_exit")
     idx = tokens()

@@ -21,7 +21,13 @@ from tsa_lightning.data import ShakespeareDataModule
 from tsa_lightning.inference import sample
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SHORT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
+# two steps and two validation batches of 4 windows: the config's network and data, checked quickly
+SHORT = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=2",
+    "--data.init_args.batch_size=4",
+]
 
 
 def data_overrides(config: Path, shared_data: Path, tmp_path: Path) -> list[str]:

@@ -41,23 +41,18 @@ class EarlyExitTransformer(TSATransformer):
 
     def route(self, i: int, x: Tensor, mode: Mode, threshold: float, targets: Tensor | None) -> Decision:
         if mode == "hard":
-            confidence = self.confidence(x)
-            return Decision(
-                kept=~self.leaves(confidence, threshold), halt_logit=torch.logit(confidence.double())
-            )
+            halt_logit = torch.logit(self.confidence(x).double())
+            return Decision(kept=~self.skips(halt_logit, threshold), halt_logit=halt_logit)
         if targets is None:
             return Decision()
         logits = self.lm_head(self.ln_f(x))
         return Decision(aux_loss=F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1)))
 
-    @staticmethod
-    def leaves(confidence: Tensor, threshold: float) -> Tensor:
-        """A token leaves once its exit head is confident enough: compared as probabilities, since
-        a confidence is one (its log-odds in float64 keep every float32 confidence apart)."""
-        return confidence >= threshold
-
     def skips(self, halt_logits: Tensor, threshold: float) -> Tensor:
-        return self.leaves(torch.sigmoid(halt_logits), threshold)
+        """A token leaves once its exit head is confident enough: compared as probabilities, since
+        a confidence can be one (its log-odds in float64 keep every float32 confidence apart). Hard
+        mode decides on the log-odds it reports, so the accounting reads back the same decisions."""
+        return torch.sigmoid(halt_logits) >= threshold
 
     def depth_term(self, routing: Routing) -> Tensor | None:
         return None  # depth follows from confidence; training averages the exits' losses instead
