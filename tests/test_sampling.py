@@ -2,16 +2,18 @@
 keeping exactly the k most likely tokens."""
 
 import re
+import textwrap
 import warnings
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.helpers import TINY
+from tests.helpers import TINY, quiet_trainer, write_corpus
 from tsa_lightning import TSALanguageModel
+from tsa_lightning.data import TextDataModule
 from tsa_lightning.errors import ConfigError
-from tsa_lightning.inference import generate_cached
+from tsa_lightning.inference import generate_cached, sample
 from tsa_lightning.model import TSAConfig, TSATransformer, sample_next
 
 LOGITS = torch.tensor(
@@ -104,3 +106,59 @@ def test_python_sampling_refuses_what_the_command_line_refuses(options, message)
     module = TSALanguageModel(TSAConfig(vocab_size=11, block_size=16, **TINY))
     with pytest.raises(ConfigError, match=re.escape(message)):
         module.sample("", **{"max_new_tokens": 4, **options})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny straight-through TSA model (trained for hard mode, threshold 0.5), trained until its
+    blocks matter to what it writes."""
+    folder = tmp_path_factory.mktemp("sample")
+    corpus = write_corpus(folder / "corpus.txt", words=True)
+    corpus.write_text("\n".join(textwrap.wrap(corpus.read_text(), 40)))  # lines: "\n" is the default prompt
+    data = TextDataModule(str(corpus), block_size=16, batch_size=8)
+    config = TSAConfig(vocab_size=data.vocab_size, block_size=16, gate="straight_through", **TINY)
+    module = TSALanguageModel(config, alphabet=data.alphabet, learning_rate=1e-2, warmup_steps=1)
+    trainer = quiet_trainer(max_steps=30, limit_val_batches=0)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(folder / "last.ckpt")
+    return str(folder / "last.ckpt")
+
+
+def test_sample_prints_the_prompt_and_its_continuation_and_says_how_it_decoded(checkpoint, capsys):
+    text = sample(checkpoint, max_new_tokens=12, temperature=0)
+    out, err = capsys.readouterr()
+    assert len(text) == 12 and out == "\n" + text + "\n"  # the default prompt: a new line
+    assert err == "[hard mode at threshold 0.5, KV-cache decoding]\n"
+    module = TSALanguageModel.load_from_checkpoint(checkpoint)
+    assert text == module.sample("\n", 12, temperature=0)
+
+    def decoded(**options) -> str:  # as `sample` decodes: seeded first
+        torch.manual_seed(1337)
+        return module.sample("the", 30, **options)
+
+    greedy, skipping = decoded(temperature=0), decoded(temperature=1.0, threshold=0.0)
+    assert sample(checkpoint, "the", 30, temperature=1.0, top_k=1) == greedy  # top_k 1 is greedy
+    assert skipping != decoded(temperature=1.0)  # the threshold matters to this model
+    capsys.readouterr()
+    assert sample(checkpoint, "the", 30, temperature=1.0, threshold=0.0) == skipping
+    assert capsys.readouterr().err == "[hard mode at threshold 0, KV-cache decoding]\n"
+
+
+def test_sample_compiles_the_decoder_when_asked(checkpoint, capsys, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(options) or model)
+    sample(checkpoint, "the", 4, compile=True)
+    assert compiled == [{"dynamic": True}]
+    assert capsys.readouterr().err == "[hard mode at threshold 0.5, KV-cache decoding, compiled]\n"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"threshold": 7.0}, "--threshold must be in [0, 1.01]"),
+        ({"threshold": 0.5, "budget": 0.5}, "give a budget or a threshold, not both"),
+    ],
+)
+def test_sample_refuses_bad_arguments_before_it_reads_the_checkpoint(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sample(str(tmp_path / "missing.ckpt"), **options)

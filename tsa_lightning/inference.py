@@ -120,9 +120,7 @@ def sample(
         compile: run the decoding steps through torch.compile (the first call compiles for
             seconds; docs/speed.md says when it pays).
     """
-    check_sampling(max_new_tokens, temperature, top_k, threshold)
-    if budget is not None and threshold is not None:
-        raise ConfigError("give --budget or --threshold, not both: a budget sets the threshold")
+    check_sampling(max_new_tokens, temperature, top_k, threshold, budget)  # before the slow load
     module = load_checkpoint(ckpt_path).eval()
     threshold = module.threshold_at(budget) if budget is not None else threshold
     torch.manual_seed(seed)
