@@ -131,6 +131,14 @@ def test_routers_whose_p_saturate_still_land_every_budget(corpus):
     assert not misses, misses
 
 
+@pytest.mark.parametrize(
+    "trained_range, shown",
+    [((0.3, 1.0), [1.0, 0.85, 0.7, 0.5, 0.3]), ((0.45, 0.9), [0.9, 0.85, 0.7, 0.5, 0.45])],
+)
+def test_a_run_shows_the_usual_budgets_inside_its_range_and_both_ends_highest_first(trained_range, shown):
+    assert Budgets.elastic(*trained_range, momentum=0.1, initial=0.5).shown() == shown
+
+
 def test_thresholds_interpolate_between_table_points_and_a_budget_outside_is_refused(trained):
     module = TSALanguageModel.load_from_checkpoint(trained)
     budget = module.budget

@@ -236,8 +236,8 @@ class Budgets(nn.Module):
         return [self.budgets[0], self.budgets[-1]] if len(self.budgets) > 1 else None
 
     def shown(self) -> list[float]:
-        """The budgets a run's chart, summary and suite show, highest first: SHOWN's inside the
-        range, and both ends."""
+        """The budgets a run's chart and summary show, highest first: SHOWN's inside the range, and
+        both ends."""
         inside = {b for b in self.budgets if round(b, 2) in SHOWN}
         return sorted(inside | {self.budgets[0], self.budgets[-1]}, reverse=True)
 
