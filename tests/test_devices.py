@@ -11,6 +11,7 @@ import torch
 from tests.helpers import make, spread_routers, tokens
 from tsa_lightning import Routing
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, tally
+from tsa_lightning.budget import Budgets
 
 ELSEWHERE = torch.device("meta")  # as a context: torch's default device inside the block
 
@@ -100,3 +101,13 @@ def test_the_accounting_counts_where_the_routing_is():
     assert flops == expected_flops
     for got, expected in zip(per_layer, expected_per_layer, strict=True):
         assert got.device.type == "cpu" and torch.equal(got, expected)
+
+
+def test_a_calibration_refines_each_rows_threshold_where_its_logits_are():
+    budget = Budgets.elastic(0.3, 1.0, momentum=0.1, initial=0.5)
+    logits, valid = torch.randn(4, 8, 3), torch.ones(4, 8, dtype=torch.bool)
+    points = torch.tensor([20, 20, 50, 70])  # the table's 0.5, 0.5, 0.8 and 1.0
+    expected = budget.batch_thresholds(logits, valid, points)
+    with ELSEWHERE:
+        got = budget.batch_thresholds(logits, valid, points)
+    assert got.device.type == "cpu" and torch.equal(got, expected)

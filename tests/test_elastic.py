@@ -247,6 +247,27 @@ def test_each_step_trains_every_grid_budget_and_follows_each_from_its_own_rows()
     assert torch.equal(again.running, budget.running)
 
 
+def test_a_budget_no_row_trains_this_step_keeps_its_threshold():
+    budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5)
+    before = budget.running.clone()
+    budget.follow(torch.randn(4, 8, 3), step=0)  # 4 rows: the grid's 4 lowest budgets
+    assert torch.equal(budget.rows(4, 0), torch.arange(4))
+    assert not torch.equal(budget.running[:4], before[:4]) and torch.equal(budget.running[4:], before[4:])
+
+
+def test_a_calibration_pass_refines_each_row_to_its_own_budgets_quantile_of_its_budgets_rows():
+    budget = Budgets.elastic(0.3, 1.0, momentum=0.1, initial=0.5)
+    logits, valid = torch.randn(5, 8, 3), torch.ones(5, 8, dtype=torch.bool)
+    valid[1, 4:] = False  # padding counts for nothing
+    valid[4] = False  # a row without a real position
+    points = torch.tensor([20, 20, 50, 70, 30])  # the table's 0.5, 0.5, 0.8, 1.0 and 0.6
+    thresholds = budget.batch_thresholds(logits, valid, points)
+    half = torch.cat([logits[0].flatten(), logits[1, :4].flatten()])
+    assert thresholds[0] == thresholds[1] == torch.kthvalue(half, round(0.5 * half.numel())).values
+    assert thresholds[2] == torch.kthvalue(logits[2].flatten(), round(0.8 * 24)).values
+    assert thresholds[3] == thresholds[4] == torch.inf  # full depth; nothing to refine on
+
+
 def test_a_top_share_trains_the_highest_budget_on_its_share_of_rows_and_the_grid_on_the_rest():
     budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5, top_share=0.25)
     grid = len(budget.budgets)

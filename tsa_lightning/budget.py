@@ -277,7 +277,7 @@ class Budgets(nn.Module):
         """Training's threshold for each row (B,) of a rank's batch."""
         return self.running[self.rows(batch_size, step, rank, world_size).to(self.running.device)]
 
-    def follow(self, halt_logits: Tensor, step: int) -> Tensor:
+    def follow(self, halt_logits: Tensor, step: int) -> float:
         """Each budget's threshold moves towards the quantile of its rows' router logits in the global
         batch (a budget progressive shrinking has not opened yet, of all rows'): `halt_logits`
         (B, T, L-1), or (ranks, B, T, L-1) as gathered. Returns the mean budget the batch trained."""
@@ -290,7 +290,7 @@ class Budgets(nn.Module):
             if budget < 1.0 and mine is not None:  # an unopened point follows every row, to open warm
                 target = order_statistic(mine, budget).to(self.running)
                 self.running[g] = self.running[g] + self.momentum * (target - self.running[g])
-        return torch.tensor(self.budgets, device=rows.device)[rows].mean()
+        return float(torch.tensor(self.budgets)[rows.cpu()].mean())
 
     # -- validation --
 
