@@ -315,7 +315,10 @@ def test_a_validation_while_training_follows_routers_that_drifted_since_the_last
     assert torch.equal(drifted[~finite], table[~finite])  # budget 1.0 skips nothing, ever
 
 
-def test_progressive_shrinking_that_would_end_after_the_last_step_is_refused_in_one_line(small_corpus):
+def test_progressive_shrinking_that_would_end_after_the_last_step_is_refused_in_one_line(
+    small_corpus, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # its run folder
     message = cli_error(
         *fit_args(small_corpus, "--trainer.max_steps=4"),
         "--model.config.gate=unit",
