@@ -134,7 +134,9 @@ def test_validation_calibrates_the_threshold_that_held_out_text_skips_at(corpus,
 def test_a_budget_lands_on_routers_whose_hidden_units_are_all_off(corpus, router_slope):
     """ReLU routers whose units are all off give every token the output bias as its logit: no threshold
     splits them and the budget is missed (as a fixed unit-gate budget's routers learned to do). A
-    router slope gives each token its own logit, and the calibrated threshold lands."""
+    router slope gives each token its own logit (tokens whose contexts are alike still tie: 1-3% at
+    the modal logit, by the seed), and the calibrated threshold lands."""
+    torch.manual_seed(0)
     data = TextDataModule(str(corpus), block_size=32, batch_size=8)
     config = TSAConfig(
         vocab_size=data.vocab_size, routing="tsa", gate="unit", router_slope=router_slope, **SHAPE
@@ -152,7 +154,7 @@ def test_a_budget_lands_on_routers_whose_hidden_units_are_all_off(corpus, router
     logits = torch.cat([r.halt_logits for r in routings])
     tied = float((logits == logits.flatten().mode().values).float().mean())
     if router_slope:
-        assert abs(share - 0.7) < 0.01 and tied < 0.01
+        assert abs(share - 0.7) < 0.01 and tied < 0.05
     else:
         assert tied > 0.9 and abs(share - 0.7) > 0.25
 
