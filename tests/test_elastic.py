@@ -327,6 +327,10 @@ def test_progressive_shrinking_that_would_end_after_the_last_step_is_refused_in_
         "--model.depth_loss_weight=0",
     )
     assert "elastic_shrink_steps ends at step 10, after trainer.max_steps 4" in message
+    assert message.endswith("the lowest budgets would never train; end it by max_steps")
+    budget = Budgets.elastic(0.5, 1.0, momentum=0.1, initial=0.5, shrink_steps=[2, 10])
+    for max_steps in (10, 11):  # ending on the last step, or before it
+        budget.check_schedule(max_steps)
 
 
 def test_progressive_shrinking_trains_full_depth_first_then_opens_the_grid_downwards():

@@ -1,6 +1,7 @@
 """Drawing the next token: greedy at temperature 0, softmax(logits / temperature) otherwise, top_k
 keeping exactly the k most likely tokens."""
 
+import logging
 import re
 import textwrap
 import warnings
@@ -110,13 +111,13 @@ def test_python_sampling_refuses_what_the_command_line_refuses(options, message)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """A tiny straight-through TSA model (trained for hard mode, threshold 0.5), trained until its
-    blocks matter to what it writes."""
+    """A tiny TSA model as published (soft gate: trained for soft mode), trained until its blocks
+    matter to what it writes."""
     folder = tmp_path_factory.mktemp("sample")
     corpus = write_corpus(folder / "corpus.txt", words=True)
     corpus.write_text("\n".join(textwrap.wrap(corpus.read_text(), 40)))  # lines: "\n" is the default prompt
     data = TextDataModule(str(corpus), block_size=16, batch_size=8)
-    config = TSAConfig(vocab_size=data.vocab_size, block_size=16, gate="straight_through", **TINY)
+    config = TSAConfig(vocab_size=data.vocab_size, block_size=16, **TINY)
     module = TSALanguageModel(config, alphabet=data.alphabet, learning_rate=1e-2, warmup_steps=1)
     trainer = quiet_trainer(max_steps=30, limit_val_batches=0)
     trainer.fit(module, data)
@@ -125,23 +126,29 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 def test_sample_prints_the_prompt_and_its_continuation_and_says_how_it_decoded(checkpoint, capsys):
-    text = sample(checkpoint, max_new_tokens=12, temperature=0)
+    text = sample(checkpoint)
     out, err = capsys.readouterr()
-    assert len(text) == 12 and out == "\n" + text + "\n"  # the default prompt: a new line
-    assert err == "[hard mode at threshold 0.5, KV-cache decoding]\n"
+    assert out == "\n" + text + "\n"  # the default prompt: a new line
+    assert err == "[soft mode at threshold 0.5, KV-cache decoding]\n"
     module = TSALanguageModel.load_from_checkpoint(checkpoint)
-    assert text == module.sample("\n", 12, temperature=0)
+    torch.manual_seed(1337)
+    assert text == module.sample("\n", 500, temperature=0.8)  # the documented defaults
 
     def decoded(**options) -> str:  # as `sample` decodes: seeded first
         torch.manual_seed(1337)
-        return module.sample("the", 30, **options)
+        return module.sample("the", 30, **{"temperature": 1.0, **options})
 
-    greedy, skipping = decoded(temperature=0), decoded(temperature=1.0, threshold=0.0)
-    assert sample(checkpoint, "the", 30, temperature=1.0, top_k=1) == greedy  # top_k 1 is greedy
-    assert skipping != decoded(temperature=1.0)  # the threshold matters to this model
+    assert sample(checkpoint, "the", 30, top_k=1) == decoded(temperature=0)  # top_k 1 is greedy
+    # hard mode, nothing or everything skipped: the mode and the threshold matter to this model
+    hard = {threshold: decoded(mode="hard", threshold=threshold) for threshold in (1.01, 0.0)}
+    assert hard[0.0] not in (hard[1.01], decoded())
     capsys.readouterr()
-    assert sample(checkpoint, "the", 30, temperature=1.0, threshold=0.0) == skipping
-    assert capsys.readouterr().err == "[hard mode at threshold 0, KV-cache decoding]\n"
+    for threshold, text in hard.items():
+        assert sample(checkpoint, "the", 30, temperature=1.0, mode="hard", threshold=threshold) == text
+    assert capsys.readouterr().err.splitlines() == [
+        "[hard mode at threshold 1, KV-cache decoding]",
+        "[hard mode at threshold 0, KV-cache decoding]",
+    ]
 
 
 def test_sample_compiles_the_decoder_when_asked(checkpoint, capsys, monkeypatch):
@@ -149,7 +156,8 @@ def test_sample_compiles_the_decoder_when_asked(checkpoint, capsys, monkeypatch)
     monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(options) or model)
     sample(checkpoint, "the", 4, compile=True)
     assert compiled == [{"dynamic": True}]
-    assert capsys.readouterr().err == "[hard mode at threshold 0.5, KV-cache decoding, compiled]\n"
+    assert logging.getLogger("torch._dynamo").getEffectiveLevel() == logging.ERROR  # its notes: not for users
+    assert capsys.readouterr().err == "[soft mode at threshold 0.5, KV-cache decoding, compiled]\n"
 
 
 @pytest.mark.parametrize(
@@ -157,8 +165,11 @@ def test_sample_compiles_the_decoder_when_asked(checkpoint, capsys, monkeypatch)
     [
         ({"threshold": 7.0}, "--threshold must be in [0, 1.01]"),
         ({"threshold": 0.5, "budget": 0.5}, "give a budget or a threshold, not both"),
+        ({"max_new_tokens": 0}, "--max_new_tokens must be >= 1"),
+        ({"temperature": -1.0}, "--temperature must be >= 0"),
+        ({"top_k": 0}, "--top_k must be >= 1"),
     ],
 )
 def test_sample_refuses_bad_arguments_before_it_reads_the_checkpoint(tmp_path, options, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
         sample(str(tmp_path / "missing.ckpt"), **options)

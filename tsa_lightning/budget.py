@@ -241,10 +241,11 @@ class Budgets(nn.Module):
         inside = {b for b in self.budgets if round(b, 2) in SHOWN}
         return sorted(inside | {self.budgets[0], self.budgets[-1]}, reverse=True)
 
-    def check_schedule(self, max_steps: int | None) -> None:
-        """Progressive shrinking must end by the last step, or the lowest budgets never train."""
-        end = None if self.shrink_steps is None else self.shrink_steps[1]
-        if end is not None and end > (max_steps or 0):
+    def check_schedule(self, max_steps: int) -> None:
+        """Progressive shrinking (`shrink_steps`) must end by the last step, or the lowest budgets
+        never train."""
+        end = self.shrink_steps[1]
+        if end > max_steps:
             raise ConfigError(
                 f"elastic_shrink_steps ends at step {end}, after trainer.max_steps {max_steps}: the "
                 "lowest budgets would never train; end it by max_steps"
