@@ -288,6 +288,10 @@ def test_a_validation_while_training_scores_the_grid_on_every_fourth_batch_and_e
     rows = torch.cat([p[0] for p in passes if p])
     counts = torch.bincount(rows, minlength=len(budget.table_budgets))[budget.grid_index]
     assert counts.min() >= 8 and counts.max() - counts.min() <= 1  # 128 rows over 15 budgets
+    grid = torch.tensor(budget.grid_index)
+    # batches of 4 rows take the budgets in turn, each scored batch one more than a batch on
+    turns = [budget.validation_passes(4, i, thorough=False)[0] for i in (0, 4)]
+    assert torch.equal(turns[0], grid[[0, 1, 2, 3]]) and torch.equal(turns[1], grid[[5, 6, 7, 8]])
     for i in (0, 4):
         ranks = [budget.validation_passes(16, i, False, rank, 2)[0] for rank in (0, 1)]
         assert torch.equal(interleaved(*ranks), budget.validation_passes(32, i, thorough=False)[0])
