@@ -421,9 +421,14 @@ def test_under_ddp_every_window_trains_at_the_budget_one_process_gives_it(small_
     [
         ({"elastic_budgets": [0.5]}, "elastic_budgets must be"),
         ({"elastic_budgets": [0.9, 0.5]}, "elastic_budgets must be"),
+        ({"elastic_budgets": [0.5, 0.5]}, "elastic_budgets must be"),  # a range, not one budget
         ({"elastic_budgets": [0.0, 1.0]}, "elastic_budgets must be"),
         ({"elastic_budgets": [0.5, 1.2]}, "elastic_budgets must be"),
-        ({"elastic_budgets": [0.5, 1.0], "compute_budget": 0.3}, "outside elastic_budgets"),
+        (
+            {"elastic_budgets": [0.5, 1.0], "compute_budget": 0.3},
+            r"outside elastic_budgets \[0.5, 1.0\]: it is the budget evaluation and sampling use by default, "
+            "so it must be one the model was trained for$",
+        ),
         ({"elastic_budgets": [0.5, 1.0], "depth_loss_weight": 0.1}, "give elastic_budgets or depth_loss"),
         ({"elastic_budgets": [0.349, 1.0]}, "multiples of 0.01"),
         ({"elastic_budgets": [0.5, 1.0], "elastic_top_share": 1.0}, "elastic_top_share"),
@@ -437,6 +442,13 @@ def test_impossible_elastic_options_are_refused(options, message):
     config = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)
     with pytest.raises(ConfigError, match=message):
         TSALanguageModel(config, **options)
+
+
+def test_the_default_budget_may_be_either_end_of_the_range():
+    config = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)
+    for default in (0.5, 1.0):
+        module = TSALanguageModel(config, elastic_budgets=[0.5, 1.0], compute_budget=default)
+        assert module.budget.budget == default
 
 
 @pytest.mark.parametrize("change", [{"gate": "soft"}, {"routing": "none"}])
