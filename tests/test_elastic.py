@@ -302,6 +302,22 @@ def test_a_validation_while_training_scores_the_grid_on_every_fourth_batch_and_e
         assert met == set(even.grid_index)
 
 
+def test_a_calibration_that_scored_only_the_grid_interpolates_the_table_between_its_points():
+    budget = Budgets.elastic(0.3, 1.0, momentum=0.1, initial=0.5)
+    scores, valid = torch.randn(32, 64, 3), torch.ones(32, 64, dtype=torch.bool)
+    for k in budget.grid_index:  # as while training: passes at the grid's budgets only
+        budget.observe(scores, valid, torch.full((32,), k))
+    budget.calibrate()
+    table = dict(zip(budget.table_budgets, budget.table.tolist(), strict=True))
+    assert table[0.62] == pytest.approx(0.6 * table[0.6] + 0.4 * table[0.65])  # linear in log-odds
+    assert all(torch.isfinite(torch.tensor(t)) for b, t in table.items() if b < 1.0)
+
+
+def test_thresholds_read_as_probabilities_in_float64():
+    assert probability(20.0) < 1.0 and probability(torch.tensor(20.0)) < 1.0  # float32 would round to 1
+    assert probability(40.0) == 1.0 and probability(0.0) == 0.5
+
+
 def test_a_validation_while_training_follows_routers_that_drifted_since_the_last_calibration():
     budget = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5)
     scores = torch.randn(1, 64, 3).expand(32, 64, 3)  # every row alike: each budget's quantile is the same
