@@ -310,6 +310,7 @@ def test_a_calibration_that_scored_only_the_grid_interpolates_the_table_between_
     budget.calibrate()
     table = dict(zip(budget.table_budgets, budget.table.tolist(), strict=True))
     assert table[0.62] == pytest.approx(0.6 * table[0.6] + 0.4 * table[0.65])  # linear in log-odds
+    assert table[0.32] == pytest.approx(0.6 * table[0.3] + 0.4 * table[0.35])  # above the lowest, too
     assert all(torch.isfinite(torch.tensor(t)) for b, t in table.items() if b < 1.0)
 
 
