@@ -218,8 +218,16 @@ def test_a_budget_needs_the_straight_through_gate():
 
 
 def test_a_budget_needs_tsa_routers():
-    with pytest.raises(ValueError, match="steers TSA routers"):
+    with pytest.raises(ValueError, match=r"^compute_budget steers TSA routers"):  # the option asked for
         TSALanguageModel(TSAConfig(routing="mod", **SHAPE), compute_budget=0.5)
+
+
+def test_a_fixed_budget_samples_more_of_each_batch_than_each_budget_of_an_elastic_one():
+    """An elastic model keeps one sample per table budget (every 0.01), so each is smaller."""
+    scores, valid = torch.randn(4, 5000, 1), torch.ones(4, 5000, dtype=torch.bool)
+    for budget, kept in ((Budgets([0.5], 0.1, 0.5), 16384), (Budgets.elastic(0.5, 1.0, 0.1, 0.5), 4096)):
+        budget.observe(scores, valid)
+        assert len(budget.quantiles[0].values[0]) == kept
 
 
 def dense_checkpoint(path, **shape) -> TSALanguageModel:
