@@ -284,14 +284,15 @@ class Budgets(nn.Module):
         (B, T, L-1), or (ranks, B, T, L-1) as gathered. Returns the mean budget the batch trained."""
         if halt_logits.dim() == 4:  # the global batch in one process's row order
             halt_logits = halt_logits.transpose(0, 1).flatten(0, 1)
-        rows = self.rows(len(halt_logits), step).to(halt_logits.device)
+        trained = self.rows(len(halt_logits), step)
+        rows = trained.to(halt_logits.device)
         unopened = len(self.budgets) - self.drawn(step)  # progressive shrinking: points no row takes yet
         for g, budget in enumerate(self.budgets):
             mine = halt_logits[rows == g] if (rows == g).any() else halt_logits if g < unopened else None
             if budget < 1.0 and mine is not None:  # an unopened point follows every row, to open warm
                 target = order_statistic(mine, budget).to(self.running)
                 self.running[g] = self.running[g] + self.momentum * (target - self.running[g])
-        return float(torch.tensor(self.budgets)[rows.cpu()].mean())
+        return float(torch.tensor(self.budgets)[trained].mean())
 
     # -- validation --
 
