@@ -54,6 +54,29 @@ def test_resuming_with_nothing_to_resume_says_a_new_run_starts(small_corpus, tmp
     assert (tmp_path / "runs" / "shakespeare_cpu" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_run_refused_while_it_sets_up_leaves_no_log_and_a_resumed_one_its_folder(small_corpus, tmp_path):
+    """Lightning opens the log folder before the setup hooks that find a missing init_from or a
+    validation split too short for the context; a refused run leaves no version folder to take the
+    next run's number, and a refused resume leaves its run's folder as it was."""
+    runs = tmp_path / "runs" / "shakespeare_cpu"
+    too_short = "--data.init_args.split=[0.9998,0.0001,0.0001]"
+    message = cli_error(*fit_on(small_corpus, tmp_path), *QUIET, "--model.init_from=missing.ckpt")
+    assert "missing.ckpt does not exist" in message
+    assert not (tmp_path / "runs").exists()
+    main([*fit_on(small_corpus, tmp_path), *QUIET])
+    assert sorted(p.name for p in runs.iterdir()) == ["checkpoints", "version_0"]  # not version_1
+    held = {p.name: p.read_bytes() for p in (runs / "version_0").iterdir()}
+    resume = [*fit_on(small_corpus, tmp_path), *QUIET, "--ckpt_path=last", "--trainer.max_steps=4"]
+    assert "too few for block_size" in cli_error(*resume, too_short)
+    last = runs / "checkpoints" / "last.ckpt"
+    validate = ["validate", *fit_on(small_corpus, tmp_path)[1:], f"--ckpt_path={last}"]
+    assert "too few for block_size" in cli_error(*validate, too_short)
+    assert sorted(p.name for p in runs.iterdir()) == ["checkpoints", "version_0"]  # no validate_step2 either
+    assert {p.name: p.read_bytes() for p in (runs / "version_0").iterdir()} == held
+    main([*resume, "--trainer.max_steps=3"])  # the refused resume, on a split that fits
+    assert {*held, "config.resume1.yaml"} <= {p.name for p in (runs / "version_0").iterdir()}
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
@@ -87,6 +110,7 @@ def test_a_full_disk_during_fit_ends_in_one_line_and_keeps_last(small_corpus, tm
     assert not [p for p in folder.iterdir() if "partial" in p.name]
     last = read_checkpoint(folder / "last.ckpt")
     assert last["global_step"] == calls[1]  # the previous save survived, whole
+    assert (folder.parent / "version_0" / "config.yaml").is_file()  # a run that trained keeps its log
 
 
 def tiny(routing: str, **overrides) -> torch.nn.Module:

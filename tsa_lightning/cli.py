@@ -47,6 +47,7 @@ from tsa_lightning.runs import (
     ForwardSignals,
     GracefulStop,
     LastCheckpoint,
+    RefusalLeavesNoLogs,
     RunLock,
     ValidationAtItsStep,
     checkpoint_folder,
@@ -189,7 +190,9 @@ class TSALightningCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is None:
                 callback.dirpath = folder and os.path.realpath(folder)
+        logged = where_logged(trainer) if is_launching_process() else None
         trainer.callbacks += [ValidationAtItsStep(), FinalValidation(), GracefulStop(), ValidationHistory()]
+        trainer.callbacks.append(RefusalLeavesNoLogs(logged and logged[0]))
         defaults = (TQDMProgressBar, RichProgressBar)  # Lightning's own, counting batches per epoch
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) in defaults:

@@ -6,6 +6,8 @@
   validation and at the end of training, whatever the best-checkpoint settings are.
 - `GracefulStop`: SIGTERM or SIGINT ends training after the current step with a resumable
   checkpoint, and the command exits 143 or 130 instead of pretending it finished.
+- `RefusalLeavesNoLogs`: a run refused while it sets up leaves no log folder to take the next
+  run's version number.
 - `AtomicCheckpointIO`: a checkpoint is written to a temporary file beside its target, flushed to
   disk, then renamed over it; a failed write (a full disk) leaves the previous file intact.
 - `read_checkpoint`: a checkpoint file is loadable and ours, or one line says why not.
@@ -31,7 +33,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tsa_lightning.errors import ConfigError, RunError
+from tsa_lightning.errors import ConfigError, RunError, is_usage_error
 
 if TYPE_CHECKING:
     from tsa_lightning.module import TSALanguageModel
@@ -269,6 +271,34 @@ class GracefulStop(L.Callback):
         path = last.path if last is not None else Path(trainer.default_root_dir) / LAST
         trainer.save_checkpoint(path)
         return path
+
+
+class RefusalLeavesNoLogs(L.Callback):
+    """A run refused while it sets up (an option, corpus or checkpoint found wrong in a `setup` hook
+    or on loading) leaves nothing in its log folder: Lightning opens the folder before any setup
+    hook can refuse, and a new folder left behind would hold an empty run and take the next run's
+    version number. Only what this process wrote goes: a resumed run's folder keeps all it held."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.folder = None if log_dir is None else Path(log_dir)
+        self.held = set(self.folder.iterdir()) if self.folder is not None and self.folder.is_dir() else set()
+        self.new = self.folder is not None and not self.folder.exists()
+        self.started = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True  # set up, checkpoint loaded: from here on a run's logs are its record
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if self.started or self.folder is None or not self.folder.is_dir() or not is_usage_error(exception):
+            return
+        for path in set(self.folder.iterdir()) - self.held:
+            if path.is_file():
+                path.unlink()
+        if self.new:
+            with contextlib.suppress(OSError):  # something else was written there: kept
+                self.folder.rmdir()
 
 
 class ForwardSignals:
