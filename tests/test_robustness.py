@@ -88,6 +88,21 @@ def test_wrong_type(small_corpus, tmp_path):
     assert "model.config.n_layer" in message and "int" in message
 
 
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["sample", "--temperature=warm"], ['"temperature"', "float", "warm"]),
+        (["sample", "--mode=medium"], ['"mode"', "'soft', 'hard'"]),
+        (["sample", "--budgett=0.5"], ["unrecognized arguments: --budgett"]),
+        (["evaluate", "--limit_batches=all"], ['"limit_batches"', "int"]),
+    ],
+)
+def test_sample_and_evaluate_refuse_a_wrong_option_in_one_line_as_fit_does(args, named):
+    message = cli_error(*args)
+    assert all(name in message for name in named), message
+    assert message.endswith(f"(see `tsa-lightning {args[0]} --help` for the options)")
+
+
 def test_n_embd_not_divisible_by_n_head(small_corpus, tmp_path):
     message = cli_error(
         *fit_on(small_corpus, tmp_path, "--model.config.n_embd=30", "--model.config.n_head=4")

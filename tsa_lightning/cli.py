@@ -279,7 +279,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         check_arguments(argv)
         if argv and argv[0] in SUBCOMMANDS:
-            auto_cli(SUBCOMMANDS[argv[0]], args=argv[1:])
+            auto_cli(SUBCOMMANDS[argv[0]], args=argv[1:], exit_on_error=False)
             return
         TSALightningCLI(
             TSALanguageModel,

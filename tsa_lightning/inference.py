@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -97,7 +96,7 @@ def sample(
     max_new_tokens: int = 500,
     temperature: float = 0.8,
     top_k: int | None = None,
-    mode: Literal["soft", "hard"] | None = None,
+    mode: Mode | None = None,
     threshold: float | None = None,
     seed: int = 1337,
     compile: bool = False,
