@@ -253,6 +253,14 @@ def test_a_budget_no_row_trains_this_step_keeps_its_threshold():
     budget.follow(torch.randn(4, 8, 3), step=0)  # 4 rows: the grid's 4 lowest budgets
     assert torch.equal(budget.rows(4, 0), torch.arange(4))
     assert not torch.equal(budget.running[:4], before[:4]) and torch.equal(budget.running[4:], before[4:])
+    shrinking = Budgets.elastic(0.3, 1.0, momentum=1.0, initial=0.5, shrink_steps=[10, 24])
+    before = shrinking.running.clone()
+    shrinking.follow(torch.randn(2, 8, 3), step=16)  # 7 highest open, 2 rows: the lowest open one has none
+    assert shrinking.rows(2, 16).tolist() == [10, 11] and shrinking.drawn(16) == 7
+    moved = [False] * 15
+    moved[:8] = [True] * 8  # the unopened budgets follow every row, to open warm
+    moved[10:12] = [True, True]
+    assert (shrinking.running != before).tolist() == moved
 
 
 def test_a_calibration_pass_refines_each_row_to_its_own_budgets_quantile_of_its_budgets_rows():
@@ -369,6 +377,8 @@ def test_progressive_shrinking_trains_full_depth_first_then_opens_the_grid_downw
     # the lowest budget falls linearly, 0.7 / 15 of budget a step: 0.953 at step 10, 0.86 at 12, ...
     assert [grid - lowest[s] for s in (9, 10, 11, 12, 16, 23, 24)] == [1, 1, 2, 3, 7, 14, 15]
     assert lowest[24:] == [0] * 6  # the whole range from the end on
+    short = Budgets.elastic(0.5, 1.0, momentum=1.0, initial=0.5, shrink_steps=[10, 12])
+    assert [short.drawn(step) for step in range(14)] == [1] * 10 + [4, 7, 11, 11]  # a step opens 1/3 of it
     logits = torch.randn(32, 8, 3)
     budget.follow(logits, step=3)  # every row at full depth: the unopened budgets follow them all
     for b, running in zip(budget.budgets[:-1], budget.running[:-1], strict=True):
