@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import cli_error, fit_on
+from tests.helpers import TINY, cli_error, fit_on, quiet_trainer
 from tsa_lightning import runs
 from tsa_lightning.baselines import build_model
 from tsa_lightning.cli import main
 from tsa_lightning.data import TextDataModule
-from tsa_lightning.errors import RunError
+from tsa_lightning.errors import ConfigError, RunError
 from tsa_lightning.inference import generate_cached
 from tsa_lightning.model import Router, TSAConfig
 from tsa_lightning.module import TSALanguageModel
@@ -54,27 +56,49 @@ def test_resuming_with_nothing_to_resume_says_a_new_run_starts(small_corpus, tmp
     assert (tmp_path / "runs" / "shakespeare_cpu" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_a_run_refused_while_it_sets_up_leaves_no_log_and_a_resumed_one_its_folder(small_corpus, tmp_path):
+def test_a_run_refused_before_it_starts_leaves_no_log_and_a_resumed_one_its_folder(small_corpus, tmp_path):
     """Lightning opens the log folder before the setup hooks that find a missing init_from or a
-    validation split too short for the context; a refused run leaves no version folder to take the
-    next run's number, and a refused resume leaves its run's folder as it was."""
-    runs = tmp_path / "runs" / "shakespeare_cpu"
+    validation split too short for the context, and before the sanity check that finds an empty
+    one; a refused run leaves no version folder to take the next run's number, and a refused
+    resume leaves its run's folder as it was."""
+    run = tmp_path / "runs" / "shakespeare_cpu"
     too_short = "--data.init_args.split=[0.9998,0.0001,0.0001]"
     message = cli_error(*fit_on(small_corpus, tmp_path), *QUIET, "--model.init_from=missing.ckpt")
     assert "missing.ckpt does not exist" in message
     assert not (tmp_path / "runs").exists()
+    assert "the val split is empty" in cli_error(
+        *fit_on(small_corpus, tmp_path), *QUIET, "--data.init_args.split=[0.9,0,0.1]"
+    )
+    assert not (tmp_path / "runs").exists()
     main([*fit_on(small_corpus, tmp_path), *QUIET])
-    assert sorted(p.name for p in runs.iterdir()) == ["checkpoints", "version_0"]  # not version_1
-    held = {p.name: p.read_bytes() for p in (runs / "version_0").iterdir()}
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]  # not version_1
+    held = {p.name: p.read_bytes() for p in (run / "version_0").iterdir()}
     resume = [*fit_on(small_corpus, tmp_path), *QUIET, "--ckpt_path=last", "--trainer.max_steps=4"]
     assert "too few for block_size" in cli_error(*resume, too_short)
-    last = runs / "checkpoints" / "last.ckpt"
+    last = run / "checkpoints" / "last.ckpt"
     validate = ["validate", *fit_on(small_corpus, tmp_path)[1:], f"--ckpt_path={last}"]
     assert "too few for block_size" in cli_error(*validate, too_short)
-    assert sorted(p.name for p in runs.iterdir()) == ["checkpoints", "version_0"]  # no validate_step2 either
-    assert {p.name: p.read_bytes() for p in (runs / "version_0").iterdir()} == held
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]  # no validate_step2 either
+    assert {p.name: p.read_bytes() for p in (run / "version_0").iterdir()} == held
     main([*resume, "--trainer.max_steps=3"])  # the refused resume, on a split that fits
-    assert {*held, "config.resume1.yaml"} <= {p.name for p in (runs / "version_0").iterdir()}
+    assert {*held, "config.resume1.yaml"} <= {p.name for p in (run / "version_0").iterdir()}
+
+
+def test_a_refusal_removes_only_what_its_own_process_wrote(tmp_path):
+    class RefusedInSetup(TSALanguageModel):
+        def setup(self, stage: str) -> None:
+            log_dir = Path(self.trainer.log_dir)
+            (log_dir / "notes.txt").write_text("another process's")
+            (log_dir / "events.out.tfevents.1.otherhost.4242.0").write_bytes(b"")
+            raise ConfigError("refused")
+
+    trainer = quiet_trainer(logger=TensorBoardLogger(tmp_path, name="run"), max_steps=1, limit_val_batches=0)
+    trainer.callbacks.append(runs.RefusalLeavesNoLogs.of(trainer))
+    data = DataLoader(TensorDataset(torch.zeros(2, 16, dtype=torch.long)), batch_size=2)
+    with pytest.raises(ConfigError, match="refused"):
+        trainer.fit(RefusedInSetup(TSAConfig(vocab_size=11, block_size=16, **TINY)), data)
+    left = sorted(p.name for p in (tmp_path / "run" / "version_0").iterdir())
+    assert left == ["events.out.tfevents.1.otherhost.4242.0", "notes.txt"]  # its own event file went
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

@@ -190,9 +190,8 @@ class TSALightningCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is None:
                 callback.dirpath = folder and os.path.realpath(folder)
-        logged = where_logged(trainer) if is_launching_process() else None
         trainer.callbacks += [ValidationAtItsStep(), FinalValidation(), GracefulStop(), ValidationHistory()]
-        trainer.callbacks.append(RefusalLeavesNoLogs(logged and logged[0]))
+        trainer.callbacks.append(RefusalLeavesNoLogs.of(trainer))
         defaults = (TQDMProgressBar, RichProgressBar)  # Lightning's own, counting batches per epoch
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) in defaults:

@@ -6,7 +6,7 @@
   validation and at the end of training, whatever the best-checkpoint settings are.
 - `GracefulStop`: SIGTERM or SIGINT ends training after the current step with a resumable
   checkpoint, and the command exits 143 or 130 instead of pretending it finished.
-- `RefusalLeavesNoLogs`: a run refused while it sets up leaves no log folder to take the next
+- `RefusalLeavesNoLogs`: a run refused before it starts leaves no log folder to take the next
   run's version number.
 - `AtomicCheckpointIO`: a checkpoint is written to a temporary file beside its target, flushed to
   disk, then renamed over it; a failed write (a full disk) leaves the previous file intact.
@@ -21,6 +21,7 @@ import fcntl
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,6 +31,8 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -274,10 +277,11 @@ class GracefulStop(L.Callback):
 
 
 class RefusalLeavesNoLogs(L.Callback):
-    """A run refused while it sets up (an option, corpus or checkpoint found wrong in a `setup` hook
-    or on loading) leaves nothing in its log folder: Lightning opens the folder before any setup
-    hook can refuse, and a new folder left behind would hold an empty run and take the next run's
-    version number. Only what this process wrote goes: a resumed run's folder keeps all it held."""
+    """A run refused before it starts (an option, corpus or checkpoint found wrong while it sets up,
+    loads or checks its validation) leaves nothing in its log folder: Lightning opens the folder
+    before any setup hook can refuse, and a new folder left behind would hold an empty run and take
+    the next run's version number. Only what this process wrote goes (its event file, saved config
+    and hyperparameters): a resumed run's folder keeps all it held, and another process's files stay."""
 
     def __init__(self, log_dir: str | None) -> None:
         self.folder = None if log_dir is None else Path(log_dir)
@@ -285,17 +289,33 @@ class RefusalLeavesNoLogs(L.Callback):
         self.new = self.folder is not None and not self.folder.exists()
         self.started = False
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = True  # set up, checkpoint loaded: from here on a run's logs are its record
+    @classmethod
+    def of(cls, trainer: L.Trainer) -> RefusalLeavesNoLogs:
+        """Watches the run's log folder from the process a user started, unless workers it spawns set
+        up (ddp_spawn: their refusals reach it as another exception, after they may have trained)."""
+        spawning = isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+        logged = where_logged(trainer) if is_launching_process() and not spawning else None
+        return cls(logged and logged[0])
 
-    on_validation_start = on_test_start = on_predict_start = on_fit_start
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True  # set up, restored, validation checked: from here on its logs are its record
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = self.started or not trainer.sanity_checking
+
+    on_test_start = on_predict_start = on_train_start
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if self.started or self.folder is None or not self.folder.is_dir() or not is_usage_error(exception):
             return
+        trainer.logger.finalize("failed")  # its event file closed first (Lightning's own call: a no-op)
+        written = {c.config_filename for c in trainer.callbacks if isinstance(c, SaveConfigCallback)}
+        written.add(TensorBoardLogger.NAME_HPARAMS_FILE)  # saved once the hyperparameters are logged
+        mine = f".{socket.gethostname()}.{os.getpid()}."  # in the name of each event file this process writes
         for path in set(self.folder.iterdir()) - self.held:
-            if path.is_file():
-                path.unlink()
+            if path.is_file() and (mine in path.name or path.name in written):
+                with contextlib.suppress(OSError):
+                    path.unlink()
         if self.new:
             with contextlib.suppress(OSError):  # something else was written there: kept
                 self.folder.rmdir()
