@@ -176,6 +176,32 @@ def fit(
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+def thresholds(module: TSALanguageModel) -> torch.Tensor:
+    """Every threshold a model's budgets hold: training's, those calibrated from, the calibrated table."""
+    budget = module.budget
+    return torch.cat([budget.running, budget.calibrated_from, budget.table])
+
+
+class RanksHoldOneBudget(L.Callback):
+    """Fails a step or a validation after which two ranks' thresholds differ: training's follow the
+    global batch, and validation calibrates on the whole split (a rank's own share would leave each
+    rank, and the checkpoint, with another table)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: TSALanguageModel, *args) -> None:
+        self.check(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: TSALanguageModel) -> None:
+        self.check(trainer, pl_module)
+
+    @staticmethod
+    def check(trainer: L.Trainer, pl_module: TSALanguageModel) -> None:
+        every_rank = pl_module.all_gather(thresholds(pl_module))
+        assert every_rank.shape[0] == trainer.world_size == 2
+        torch.testing.assert_close(
+            every_rank[0], every_rank[1], rtol=0, atol=0, equal_nan=True
+        )  # NaN: none yet
+
+
 def step_of(path: Path) -> int:
     return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
 

@@ -11,7 +11,15 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
 from torch.nn import functional as F
 
-from tests.helpers import cli_error, fit, fit_args, quiet_trainer, write_corpus
+from tests.helpers import (
+    RanksHoldOneBudget,
+    cli_error,
+    fit,
+    fit_args,
+    quiet_trainer,
+    thresholds,
+    write_corpus,
+)
 from tsa_lightning.budget import Budgets, budget_grid, probability
 from tsa_lightning.callbacks import operating_point
 from tsa_lightning.cli import main
@@ -48,12 +56,6 @@ def train_elastic(
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, trainer
-
-
-def table(module: TSALanguageModel) -> torch.Tensor:
-    """Every threshold the budgets hold: training's, the ones calibrated from, and the calibrated table."""
-    budget = module.budget
-    return torch.cat([budget.running, budget.calibrated_from, budget.table])
 
 
 @pytest.fixture(scope="module")
@@ -173,21 +175,21 @@ class TableAtStart(L.Callback):
     """The table as a resumed fit starts from it."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.table = table(pl_module).clone()
+        self.table = thresholds(pl_module).clone()
 
 
 def test_the_calibrated_table_is_saved_and_restored_exactly_on_resume(corpus, tmp_path):
     first, trainer = train_elastic(corpus, steps=20, val_every=20)
-    saved = table(first)
+    saved = thresholds(first)
     assert not saved.isnan().any() and not torch.equal(first.budget.running, first.budget.table[::5])
     trainer.save_checkpoint(tmp_path / "step20.ckpt")
-    assert torch.equal(table(TSALanguageModel.load_from_checkpoint(tmp_path / "step20.ckpt")), saved)
+    assert torch.equal(thresholds(TSALanguageModel.load_from_checkpoint(tmp_path / "step20.ckpt")), saved)
     start = TableAtStart()
     resumed, _ = train_elastic(
         corpus, steps=30, val_every=10, ckpt_path=tmp_path / "step20.ckpt", callbacks=[start]
     )
     assert torch.equal(start.table, saved)
-    assert not torch.equal(table(resumed), saved)  # and training went on from it
+    assert not torch.equal(thresholds(resumed), saved)  # and training went on from it
 
 
 def test_a_checkpoint_is_refused_with_other_elastic_budgets(trained):
@@ -410,21 +412,13 @@ def test_the_rows_below_full_depth_learn_from_the_full_depth_prediction_of_their
     assert module.distillation(x, logits, torch.full((4,), torch.inf)) == 0  # nothing below full depth
 
 
-class RanksAgree(L.Callback):
-    """Fails a step whose rows do not train at the global batch's thresholds of their own windows,
-    or after which the ranks' tables differ."""
+class RanksAgree(RanksHoldOneBudget):
+    """Also fails a step whose rows do not train at the global batch's thresholds of their own windows."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         rows, rank, step = len(batch[0]), trainer.global_rank, trainer.global_step
         every_row = pl_module.budget.row_thresholds(rows * trainer.world_size, step)
         assert torch.equal(pl_module.train_threshold(rows), every_row[rank :: trainer.world_size])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        tables = pl_module.all_gather(table(pl_module))
-        assert tables.shape[0] == trainer.world_size == 2
-        torch.testing.assert_close(
-            tables[0], tables[1], rtol=0, atol=0, equal_nan=True
-        )  # NaN: not calibrated
 
 
 def test_under_ddp_every_window_trains_at_the_budget_one_process_gives_it(small_corpus):

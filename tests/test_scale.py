@@ -4,7 +4,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import REPO, TINY_OPTIONS, cli, fit
+from tests.helpers import REPO, TINY_OPTIONS, RanksHoldOneBudget, cli, fit
 from tsa_lightning.data import ContiguousWindows, TextDataModule
 
 
@@ -23,7 +23,7 @@ def test_a_budget_sets_one_threshold_from_the_whole_global_batch(small_corpus):
     """
     budget = {"compute_budget": 0.6, "budget_momentum": 1.0}
     single = fit(small_corpus, "auto", 1, batch_size=8, **budget)
-    ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4, **budget)
+    ddp = fit(small_corpus, "ddp_spawn", 2, batch_size=4, callbacks=[RanksHoldOneBudget()], **budget)
     assert ddp["train/skip_threshold"] == pytest.approx(single["train/skip_threshold"], rel=1e-7)
     assert ddp["train/executed_share"] == pytest.approx(single["train/executed_share"], abs=1e-6)
     assert ddp["val/hard/loss"] == pytest.approx(single["val/hard/loss"], abs=1e-4)

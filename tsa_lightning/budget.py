@@ -17,6 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from tsa_lightning.errors import ConfigError
+from tsa_lightning.metrics import pooled
 from tsa_lightning.model import TSATransformer, skip_logit
 
 
@@ -57,16 +58,10 @@ class HaltQuantile(Metric):
         self.values.append(values)
 
     def compute(self) -> Tensor:
-        """The score at or below which a share q of the sampled scores lie."""
-        return self.at(self.q)
-
-    def at(self, q: float) -> Tensor:
-        """The score at or below which a share q of the sampled scores lie."""
-        return order_statistic(dim_zero_cat(self.values).cpu(), q)
-
-    @property
-    def empty(self) -> bool:
-        return not self.values
+        """The score at or below which a share q of the sampled scores lie, pooled over every rank
+        (torchmetrics gathers them); NaN when none was sampled."""
+        values = dim_zero_cat(self.values).cpu() if len(self.values) else torch.empty(0)
+        return order_statistic(values, self.q) if values.numel() else torch.tensor(math.nan)
 
 
 def order_statistic(values: Tensor, q: float) -> Tensor:
@@ -361,17 +356,18 @@ class Budgets(nn.Module):
         """Each table budget's threshold: the quantile of the scores its own pass saw; a budget that
         had no pass (while training, only the grid's run) is interpolated between the grid's. Returns
         the grid's thresholds, as probabilities."""
+        seen = [float(pooled(quantile)) for quantile in self.quantiles]  # every rank's, in one order
         table = self.table.tolist()
-        for k, (b, quantile) in enumerate(zip(self.table_budgets, self.quantiles, strict=True)):
+        for k, b in enumerate(self.table_budgets):
             if b >= 1.0:
                 table[k] = math.inf
-            elif not quantile.empty:
-                table[k] = float(quantile.at(b))
+            elif not math.isnan(seen[k]):
+                table[k] = seen[k]
             elif k in self.grid_index:
                 table[k] = float(self.running[self.grid_index.index(k)])
         grid = torch.tensor([table[k] for k in self.grid_index])
         for k, b in enumerate(self.table_budgets):
-            if self.quantiles[k].empty and k not in self.grid_index:
+            if math.isnan(seen[k]) and k not in self.grid_index:
                 table[k] = float(self.interpolated(b, self.budgets, grid))
         self.table.copy_(torch.tensor(table))
         self.calibrated_from.copy_(self.running)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from tsa_lightning import names
 from tsa_lightning.budget import REFINEMENTS, THOROUGH_BATCHES, Budgets
 from tsa_lightning.data import IGNORE_INDEX
-from tsa_lightning.metrics import Bits, ComputeMetric
+from tsa_lightning.metrics import Bits, ComputeMetric, pooled
 from tsa_lightning.model import Routing, TSAConfig, TSATransformer
 from tsa_lightning.retrofit import distillation_kl
 
@@ -100,9 +100,9 @@ class GridScores(nn.Module):
         for g, (budget, bits, compute) in enumerate(zip(self.budgets, self.bits, self.compute, strict=True)):
             if not tokens[g]:  # a split too small to reach this budget's rows
                 continue
-            report = compute.compute()
+            report = pooled(compute)
             shares = [report.executed_per_layer[b] for b in gated]
-            values[names.at_budget(budget, "bpc")] = bits.compute()
+            values[names.at_budget(budget, "bpc")] = pooled(bits)
             values[names.at_budget(budget, "flops_saved")] = report.flops_saved
             values[names.at_budget(budget, "routed_executed")] = sum(shares) / len(shares)
             bits.reset()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,6 +14,15 @@ from tsa_lightning import names
 from tsa_lightning.accounting import ComputeReport, summarize, tally
 from tsa_lightning.data import IGNORE_INDEX
 from tsa_lightning.model import MODES, Routing, TSAConfig
+
+
+def pooled(metric: Metric) -> Any:
+    """`metric.compute()` over every rank. A rank that never updated the metric (none of its rows
+    took that budget) still joins the gather, as the ranks' collectives must match: torchmetrics'
+    warning that it computes before updating says nothing there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The ``compute`` method of metric")
+        return metric.compute()
 
 
 class ComputeMetric(Metric):
