@@ -453,8 +453,15 @@ def test_under_ddp_every_window_trains_at_the_budget_one_process_gives_it(small_
         ({"elastic_budgets": [0.5, 1.0], "depth_loss_weight": 0.1}, "give elastic_budgets or depth_loss"),
         ({"elastic_budgets": [0.349, 1.0]}, "multiples of 0.01"),
         ({"elastic_budgets": [0.5, 1.0], "elastic_top_share": 1.0}, "elastic_top_share"),
-        ({"elastic_top_share": 0.5}, "set --model.elastic_budgets too"),
-        ({"elastic_shrink_steps": [0, 10]}, "set --model.elastic_budgets too"),
+        *(
+            (
+                {option: value},
+                f"^{option} shapes how a batch shares the budgets of elastic_budgets; "
+                f"set --model.elastic_budgets too, or leave {option} out$",
+            )
+            for option, value in (("elastic_top_share", 0.5), ("elastic_shrink_steps", [0, 10]))
+        ),
+        ({"elastic_budgets": [0.5, 1.0], "elastic_shrink_steps": [-1, 5]}, "0 <= start <= end"),
         ({"elastic_budgets": [0.5, 1.0], "elastic_shrink_steps": [10, 5]}, "0 <= start <= end"),
         ({"elastic_budgets": [0.5, 1.0], "elastic_shrink_steps": [10]}, "elastic_shrink_steps must be"),
     ],
@@ -463,6 +470,15 @@ def test_impossible_elastic_options_are_refused(options, message):
     config = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)
     with pytest.raises(ConfigError, match=message):
         TSALanguageModel(config, **options)
+
+
+def test_progressive_shrinking_may_start_at_the_first_step_and_open_the_range_at_once():
+    config = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)
+    for start, end in ([0, 10], [5, 5]):
+        budget = TSALanguageModel(
+            config, elastic_budgets=[0.5, 1.0], elastic_shrink_steps=[start, end]
+        ).budget
+        assert [budget.drawn(step) for step in (start - 1, end)] == [1, len(budget.budgets)]
 
 
 def test_the_default_budget_may_be_either_end_of_the_range():
