@@ -11,7 +11,7 @@ import torch
 from tests.helpers import make, spread_routers, tokens
 from tsa_lightning import Routing
 from tsa_lightning.accounting import dense_twin_flops, forward_flops, tally
-from tsa_lightning.budget import Budgets
+from tsa_lightning.budget import Budgets, HaltQuantile
 
 ELSEWHERE = torch.device("meta")  # as a context: torch's default device inside the block
 
@@ -111,3 +111,14 @@ def test_a_calibration_refines_each_rows_threshold_where_its_logits_are():
     with ELSEWHERE:
         got = budget.batch_thresholds(logits, valid, points)
     assert got.device.type == "cpu" and torch.equal(got, expected)
+
+
+def test_a_quantile_samples_each_batch_where_its_logits_are():
+    torch.manual_seed(0)
+    logits, valid = torch.randn(4, 8, 3), torch.ones(4, 8, dtype=torch.bool)
+    expected, got = HaltQuantile(0.3, per_batch=20), HaltQuantile(0.3, per_batch=20)  # 20 of 96 values
+    expected.update(logits, valid)
+    with ELSEWHERE:
+        got.update(logits, valid)
+    assert got.values[0].device.type == "cpu" and torch.equal(got.values[0], expected.values[0])
+    assert len(got.values[0]) == 20
