@@ -218,7 +218,11 @@ def test_a_budget_needs_the_straight_through_gate():
 
 
 def test_a_budget_needs_tsa_routers():
-    with pytest.raises(ValueError, match=r"^compute_budget steers TSA routers"):  # the option asked for
+    message = (
+        "compute_budget steers TSA routers; routing 'mod' sets its depth otherwise "  # the option asked for
+        "(early exit: skip_threshold; Mixture-of-Depths: mod_capacity)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         TSALanguageModel(TSAConfig(routing="mod", **SHAPE), compute_budget=0.5)
 
 
