@@ -10,6 +10,7 @@ from tsa_lightning import TSAConfig
 from tsa_lightning.baselines import build_model
 from tsa_lightning.budget import Budgets, HaltQuantile, check_budget, order_statistic
 from tsa_lightning.errors import ConfigError
+from tsa_lightning.metrics import pooled
 
 SHAPE = dict(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=16)
 
@@ -164,3 +165,20 @@ def test_a_threshold_starting_at_a_bound_steps_towards_the_quantile(initial):
     for _ in range(300):
         budget.follow(logits, step=0)
     assert budget.running.item() == pytest.approx(target, rel=1e-3)
+
+
+def test_each_rank_adds_its_whole_sample_once_to_the_pooled_quantile():
+    """Ranks feed a quantile unequally often (the rows of a point fall on either): each gathers its
+    batches as one tensor, so the ranks' gathers match and no rank's sample counts twice."""
+    metric = HaltQuantile(0.4, per_batch=100)
+    for _ in range(2):  # this rank: two batches of 4 zeros
+        metric.update(torch.zeros(1, 4, 1), torch.ones(1, 4, dtype=torch.bool))
+    gathers = []
+
+    def gather(values, group=None) -> list[torch.Tensor]:  # the other rank sampled 12 ones
+        gathers.append(values.numel())
+        return [values, torch.ones(12)]
+
+    metric.dist_sync_fn, metric.distributed_available_fn = gather, lambda: True
+    assert float(pooled(metric)) == 0.0  # the 8th of 8 zeros and 12 ones
+    assert gathers == [8] and len(metric.values) == 2  # one gather; this rank's own batches kept after

@@ -472,6 +472,13 @@ def test_impossible_elastic_options_are_refused(options, message):
         TSALanguageModel(config, **options)
 
 
+def test_the_top_share_a_module_is_given_reaches_its_budgets():
+    config = TSAConfig(routing="tsa", gate="unit", **SHAPE)
+    module = TSALanguageModel(config, elastic_budgets=[0.5, 1.0], elastic_top_share=0.5)
+    rows = module.budget.rows(8, step=3)
+    assert (rows == len(module.budget.budgets) - 1).sum() >= 4  # half the rows, and some of the others
+
+
 def test_progressive_shrinking_may_start_at_the_first_step_and_open_the_range_at_once():
     config = TSAConfig(routing="tsa", gate="straight_through", **SHAPE)
     for start, end in ([0, 10], [5, 5]):

@@ -193,6 +193,8 @@ def test_param_groups_decay_only_matrices():
         (dict(mod_capacity=0.0), "mod_capacity"),
         (dict(mod_capacity=1.5), "mod_capacity"),
         (dict(routing="mod", mod_capacity=-0.1), "mod_capacity"),
+        (dict(router_slope=1.0), r"router_slope must be in \[0, 1\), got 1.0"),  # a slope of 1 is linear
+        (dict(router_slope=-0.1), "router_slope"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
